@@ -1,0 +1,54 @@
+"""Cluster coordination for Django + Celery.
+
+Importing this package touches no models and does no I/O, so it is safe in settings
+modules and ``celery.py``; names are loaded on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from cluster_singletons.clock import Clock, FrozenClock, SystemClock
+    from cluster_singletons.conf import ClusterSettings, get_settings
+    from cluster_singletons.errors import ClusterSingletonsError, DatabaseUnavailable, LeadershipLost
+    from cluster_singletons.leases import Term
+    from cluster_singletons.runner import Leadership, LeaderWork, Runner
+
+__all__ = [
+    "Clock",
+    "ClusterSettings",
+    "ClusterSingletonsError",
+    "DatabaseUnavailable",
+    "FrozenClock",
+    "LeaderWork",
+    "Leadership",
+    "LeadershipLost",
+    "Runner",
+    "SystemClock",
+    "Term",
+    "get_settings",
+]
+
+_WHERE = {
+    "Clock": "clock",
+    "FrozenClock": "clock",
+    "SystemClock": "clock",
+    "ClusterSettings": "conf",
+    "get_settings": "conf",
+    "ClusterSingletonsError": "errors",
+    "DatabaseUnavailable": "errors",
+    "LeadershipLost": "errors",
+    "Term": "leases",
+    "Leadership": "runner",
+    "LeaderWork": "runner",
+    "Runner": "runner",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'cluster_singletons' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"cluster_singletons.{module}"), name)

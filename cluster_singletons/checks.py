@@ -1,0 +1,103 @@
+"""Django system checks for the ``CLUSTER_SINGLETONS`` setting and the database."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings as django_settings
+from django.core import checks
+from pydantic import ValidationError
+
+from cluster_singletons.conf import SETTING_NAME, parse, raw_setting
+
+_DOCS_HINT = "See the Settings section of the cluster_singletons README."
+
+
+@checks.register(checks.Tags.compatibility)
+def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """E001 not a dict, E002 a bad value, E003 renewal too slow for the TTL, E004 bad alias."""
+    try:
+        conf = parse(raw_setting())
+    except TypeError as exc:
+        return [checks.Error(str(exc), hint=_DOCS_HINT, id="cluster_singletons.E001")]
+    except ValidationError as exc:
+        return [
+            checks.Error(
+                f"{SETTING_NAME}[{_path(err['loc'])!r}]: {err['msg']} (got {err.get('input')!r})",
+                hint=_hint_for(err["loc"]),
+                id="cluster_singletons.E002",
+            )
+            for err in exc.errors()
+        ]
+    errors: list[checks.CheckMessage] = []
+    if conf.renew_interval > conf.lease_ttl / 3:
+        errors.append(
+            checks.Error(
+                f"{SETTING_NAME}['renew_interval'] ({conf.renew_interval}s) is above a third of "
+                f"'lease_ttl' ({conf.lease_ttl}s): one slow renewal would lose the lease.",
+                hint=f"Set 'renew_interval' to at most {conf.lease_ttl / 3:.3g}s "
+                "or raise 'lease_ttl'.",
+                id="cluster_singletons.E003",
+            )
+        )
+    if conf.database not in django_settings.DATABASES:
+        errors.append(
+            checks.Error(
+                f"{SETTING_NAME}['database'] names {conf.database!r}, which is not in DATABASES.",
+                hint=f"Use one of: {', '.join(sorted(django_settings.DATABASES))}.",
+                id="cluster_singletons.E004",
+            )
+        )
+    else:
+        errors.extend(_check_sqlite(conf.database))
+    if conf.retry_backoff > conf.retry_backoff_max:
+        errors.append(
+            checks.Warning(
+                f"{SETTING_NAME}['retry_backoff'] is above 'retry_backoff_max'; "
+                "every retry will wait the maximum.",
+                hint="Lower 'retry_backoff' or raise 'retry_backoff_max'.",
+                id="cluster_singletons.W003",
+            )
+        )
+    return errors
+
+
+def _check_sqlite(alias: str) -> list[checks.CheckMessage]:
+    db = django_settings.DATABASES[alias]
+    if "sqlite3" not in db.get("ENGINE", ""):
+        return []
+    options = db.get("OPTIONS", {})
+    found: list[checks.CheckMessage] = []
+    if str(options.get("transaction_mode", "")).upper() != "IMMEDIATE":
+        found.append(
+            checks.Warning(
+                f"SQLite database {alias!r} does not use IMMEDIATE transactions: runners in "
+                "several processes will fail with 'database is locked'.",
+                hint="Set DATABASES[...]['OPTIONS']['transaction_mode'] = 'IMMEDIATE'.",
+                id="cluster_singletons.W001",
+            )
+        )
+    if "journal_mode=wal" not in str(options.get("init_command", "")).lower().replace(" ", ""):
+        found.append(
+            checks.Warning(
+                f"SQLite database {alias!r} is not in WAL mode: readers block the leader's writes.",
+                hint="Set DATABASES[...]['OPTIONS']['init_command'] = 'PRAGMA journal_mode=WAL;'.",
+                id="cluster_singletons.W002",
+            )
+        )
+    return found
+
+
+def _path(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(part) for part in loc) or "<root>"
+
+
+def _hint_for(loc: tuple[int | str, ...]) -> str:
+    from cluster_singletons.conf import ClusterSettings
+
+    name = str(loc[0]) if loc else ""
+    field = ClusterSettings.model_fields.get(name)
+    if field is None:
+        known = ", ".join(sorted(ClusterSettings.model_fields))
+        return f"Unknown key; the known keys are: {known}."
+    return f"{name}: {field.description} Default: {field.default!r}."

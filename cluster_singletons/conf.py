@@ -1,0 +1,84 @@
+"""The ``CLUSTER_SINGLETONS`` setting, validated once into a frozen model.
+
+Read lazily (never at import time), cached, and re-read when Django's
+``setting_changed`` signal fires (``override_settings`` in tests).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Literal
+
+from django.conf import settings as django_settings
+from django.core.exceptions import ImproperlyConfigured
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+SETTING_NAME = "CLUSTER_SINGLETONS"
+
+
+class ClusterSettings(BaseModel):
+    """Every knob of cluster_singletons; durations are in seconds."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    lease_ttl: float = Field(10.0, gt=0, description="How long a lease lives without renewal.")
+    renew_interval: float = Field(
+        3.0, gt=0, description="How often a leader renews its leases (at most a third of the TTL)."
+    )
+    acquire_interval: float = Field(
+        0.5, gt=0, description="How often a standby tries to take a lease it does not hold."
+    )
+    retry_backoff: float = Field(
+        0.5, gt=0, description="First delay after a database error; doubles on each failure."
+    )
+    retry_backoff_max: float = Field(10.0, gt=0, description="Cap on that delay.")
+    startup_timeout: float = Field(
+        60.0, ge=0, description="A runner that cannot reach the database this long exits 1."
+    )
+    shutdown_timeout: float = Field(
+        10.0, ge=0, description="How long shutdown waits for leader work to stop."
+    )
+    key_prefix: str = Field(
+        "", max_length=64, description="Prefix of every lease name, to share one database."
+    )
+    database: str = Field("default", min_length=1, description="The DATABASES alias to use.")
+    crash_detection: Literal["auto", "ttl"] = Field(
+        "auto",
+        description=(
+            "'auto': on PostgreSQL a crashed holder is detected by its lost connection; "
+            "'ttl': wait for lease expiry (use behind a transaction-pooling PgBouncer)."
+        ),
+    )
+    runner_forget_after: float = Field(
+        3600.0, gt=0, description="Registrations not seen for this long are deleted."
+    )
+
+
+def parse(raw: object) -> ClusterSettings:
+    """Validate a raw ``CLUSTER_SINGLETONS`` value; raises ``ValidationError`` or ``TypeError``."""
+    if raw is None:
+        return ClusterSettings()
+    if not isinstance(raw, dict):
+        raise TypeError(f"{SETTING_NAME} must be a dict, not {type(raw).__name__}")
+    return ClusterSettings.model_validate(raw)
+
+
+def raw_setting() -> Any:
+    return getattr(django_settings, SETTING_NAME, None)
+
+
+@functools.cache
+def get_settings() -> ClusterSettings:
+    """The validated settings; ``ImproperlyConfigured`` names the bad key."""
+    try:
+        return parse(raw_setting())
+    except (TypeError, ValidationError) as exc:
+        raise ImproperlyConfigured(
+            f"{SETTING_NAME} is invalid: {exc} (run `python manage.py check` for hints)"
+        ) from exc
+
+
+def reset_cache(*, setting: str, **_: object) -> None:
+    """Receiver for ``setting_changed``."""
+    if setting == SETTING_NAME:
+        get_settings.cache_clear()

@@ -1,0 +1,190 @@
+"""The lease store: acquire, renew, release and fence, each one short transaction.
+
+Invariants every function here keeps:
+
+- Expiry is compared with the database's clock (``Now()``) inside the statement that
+  acts on it; no node's wall clock decides who leads.
+- ``epoch`` rises by one on every acquisition and never otherwise; (holder, epoch) names a
+  leadership term uniquely.
+- A lease changes hands only if it is free, expired, or (PostgreSQL with crash detection)
+  its holder's connection is gone.
+- Only the holder of a term can renew or release it; a renewal that touches no row means
+  the term is over.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import operator
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from django.db import connections, transaction
+from django.db.models import BooleanField, DateTimeField, ExpressionWrapper, F, Q
+from django.db.models.expressions import RawSQL
+from django.db.models.functions import Now
+
+from cluster_singletons.errors import LeadershipLost
+from cluster_singletons.models import Lease, Runner
+
+#: Advisory-lock namespace (first key of ``pg_advisory_lock(int, int)``): "CSRL".
+LIVENESS_LOCK_NAMESPACE = 0x4353524C & 0x7FFFFFFF
+#: PostgreSQL channel on which releases are announced, so standbys act at once.
+RELEASE_CHANNEL = "cluster_singletons_release"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Term:
+    """One leadership term: ``runner_id`` holds lease ``name`` at ``epoch``."""
+
+    name: str
+    runner_id: int
+    epoch: int
+
+
+def _expires_in(ttl: float) -> ExpressionWrapper:
+    return ExpressionWrapper(Now() + dt.timedelta(seconds=ttl), output_field=DateTimeField())
+
+
+def ensure(names: Iterable[str], *, using: str) -> None:
+    """Create missing lease rows (free, epoch 0); existing rows are left untouched."""
+    Lease.objects.using(using).bulk_create(
+        [Lease(name=name) for name in names], ignore_conflicts=True
+    )
+
+
+def _holder_is_gone(using: str) -> RawSQL:
+    """True when the holder registered a liveness lock and no session holds it any more."""
+    lease, runner = Lease._meta.db_table, Runner._meta.db_table
+    return RawSQL(
+        f"""EXISTS (
+            SELECT 1 FROM "{runner}" r
+            WHERE r.id = "{lease}".holder_id AND r.liveness_lock
+              AND NOT EXISTS (
+                SELECT 1 FROM pg_locks l
+                WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+                  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                  AND l.classid = %s::oid AND l.objid = r.id::oid))""",
+        (LIVENESS_LOCK_NAMESPACE,),
+        output_field=BooleanField(),
+    )
+
+
+def acquire(
+    name: str, runner_id: int, *, ttl: float, using: str, crash_detection: bool = False
+) -> Term | None:
+    """Take lease ``name`` for ``runner_id`` if it is free, expired or its holder is gone.
+
+    - One conditional UPDATE decides; the row lock makes concurrent acquirers serialise,
+      so at most one of them wins a given term.
+    - On success the epoch is the previous one plus one.
+    - ``crash_detection`` (PostgreSQL only) also takes leases whose holder's liveness lock
+      is no longer held, i.e. whose process or connection died.
+    """
+    takeable = Q(holder__isnull=True) | Q(expires_at__isnull=True) | Q(expires_at__lte=Now())
+    if crash_detection:
+        takeable |= Q(_holder_is_gone(using))
+    with transaction.atomic(using=using):
+        changed = (
+            Lease.objects.using(using)
+            .filter(takeable, name=name)
+            .update(
+                holder_id=runner_id,
+                epoch=F("epoch") + 1,
+                acquired_at=Now(),
+                renewed_at=Now(),
+                expires_at=_expires_in(ttl),
+            )
+        )
+        if not changed:
+            return None
+        epoch = Lease.objects.using(using).values_list("epoch", flat=True).get(name=name)
+    return Term(name=name, runner_id=runner_id, epoch=epoch)
+
+
+def renew(runner_id: int, terms: Iterable[Term], *, ttl: float, using: str) -> set[str]:
+    """Extend every unexpired lease of ``terms`` still held at its epoch; return their names.
+
+    - A term missing from the result is over (expired, taken, or released): its holder
+      must step down.
+    - One UPDATE for all terms, so renewal cost does not grow with round trips.
+    """
+    terms = list(terms)
+    if not terms:
+        return set()
+    same_term = functools.reduce(
+        operator.or_, (Q(name=t.name, epoch=t.epoch) for t in terms)
+    )
+    held = Lease.objects.using(using).filter(same_term, holder_id=runner_id)
+    with transaction.atomic(using=using):
+        held.filter(expires_at__gt=Now()).update(renewed_at=Now(), expires_at=_expires_in(ttl))
+        # Rows we just renewed are locked by us; unrenewed ones have already expired.
+        return set(held.filter(expires_at__gt=Now()).values_list("name", flat=True))
+
+
+def release(runner_id: int, *, using: str, names: Iterable[str] | None = None) -> list[str]:
+    """Free the leases ``runner_id`` holds (all, or those in ``names``); return their names.
+
+    - The epoch is kept; the next acquisition raises it.
+    - On PostgreSQL the release is announced on ``RELEASE_CHANNEL`` at commit, so standbys
+      take over without waiting for their next poll.
+    """
+    mine = Lease.objects.using(using).filter(holder_id=runner_id)
+    if names is not None:
+        mine = mine.filter(name__in=list(names))
+    with transaction.atomic(using=using):
+        released = list(mine.select_for_update().values_list("name", flat=True))
+        if not released:
+            return []
+        Lease.objects.using(using).filter(name__in=released).update(
+            holder_id=None, expires_at=Now()
+        )
+        if connections[using].vendor == "postgresql":
+            with connections[using].cursor() as cursor:
+                for name in released:
+                    cursor.execute("SELECT pg_notify(%s, %s)", [RELEASE_CHANNEL, name])
+    return released
+
+
+@contextmanager
+def fenced(term: Term, *, using: str, ttl: float) -> Iterator[None]:
+    """A transaction that commits only while ``term`` is the current leadership term.
+
+    - Raises ``LeadershipLost`` (before running the body) unless the lease is held by
+      ``term.runner_id`` at ``term.epoch`` and unexpired by the database's clock.
+    - The lease row stays locked until commit, so no acquisition can slip between the
+      check and the commit: every fenced write of a term commits before the next term.
+    - On PostgreSQL a session left idle inside the transaction (a paused process) is
+      ended by the server after ``ttl``, so it cannot block the next leader for longer.
+    - Keep the body short: it delays renewals of the same lease.
+    """
+    with transaction.atomic(using=using):
+        if connections[using].vendor == "postgresql":
+            with connections[using].cursor() as cursor:
+                cursor.execute(
+                    "SELECT set_config('idle_in_transaction_session_timeout', %s, true)",
+                    [str(max(1, int(ttl * 1000)))],
+                )
+        still_ours = (
+            Lease.objects.using(using)
+            .select_for_update(no_key=True)
+            .filter(
+                name=term.name,
+                holder_id=term.runner_id,
+                epoch=term.epoch,
+                expires_at__gt=Now(),
+            )
+            .values_list("epoch", flat=True)
+        )
+        if not list(still_ours):
+            raise LeadershipLost(term.name, term.runner_id, term.epoch)
+        yield
+
+
+def holders(names: Iterable[str], *, using: str) -> Mapping[str, tuple[int | None, int]]:
+    """Current (holder id, epoch) per lease name, for reporting."""
+    rows = Lease.objects.using(using).filter(name__in=list(names))
+    return {row.name: (row.holder_id, row.epoch) for row in rows}
+

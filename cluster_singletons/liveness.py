@@ -1,0 +1,79 @@
+"""PostgreSQL liveness: a dedicated session that holds the runner's advisory lock.
+
+While the process lives, its session holds ``pg_advisory_lock(namespace, runner id)``.
+When the process dies the server drops the session and the lock with it, which lets
+standbys take the dead runner's leases before they expire (see ``leases.acquire``).
+The same session LISTENs for lease releases so standbys act on a handoff at once.
+
+Behind a transaction-pooling PgBouncer neither a session lock nor LISTEN means anything;
+set ``crash_detection='ttl'`` there and leases fall back to expiry.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+from django.db import connections
+
+from cluster_singletons.errors import describe
+from cluster_singletons.leases import LIVENESS_LOCK_NAMESPACE, RELEASE_CHANNEL
+
+logger = logging.getLogger(__name__)
+
+
+class Liveness:
+    """Owns the liveness session; ``lost`` is set when the session (and the lock) is gone."""
+
+    def __init__(self, *, using: str, runner_id: int, on_release: Callable[[], None]) -> None:
+        self._using = using
+        self._runner_id = runner_id
+        self._on_release = on_release
+        self._conn: psycopg.Connection[Any] | None = None
+        self._thread: threading.Thread | None = None
+        self._closing = threading.Event()
+        self.lost = threading.Event()
+
+    def start(self) -> None:
+        """Open the session, take the lock (never contended: runner ids are unique), LISTEN."""
+        params = connections[self._using].get_connection_params()
+        conn = psycopg.connect(**params, autocommit=True)
+        try:
+            conn.execute(
+                "SELECT pg_advisory_lock(%s, %s)", [LIVENESS_LOCK_NAMESPACE, self._runner_id]
+            )
+            conn.execute(f"LISTEN {RELEASE_CHANNEL}")
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+        self._thread = threading.Thread(
+            target=self._listen, name="cluster-liveness", daemon=True
+        )
+        self._thread.start()
+
+    def _listen(self) -> None:
+        conn = self._conn
+        assert conn is not None
+        try:
+            while not self._closing.is_set():
+                for _ in conn.notifies(timeout=1.0):
+                    self._on_release()
+                # Prove the session is still there even when nothing is announced.
+                conn.execute("SELECT 1")
+        except Exception as exc:
+            if not self._closing.is_set():
+                logger.warning("liveness session lost (%s); leases will be stepped down", describe(exc))
+        finally:
+            self.lost.set()
+            self._on_release()
+
+    def close(self) -> None:
+        self._closing.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2.0)
+        if self._conn is not None:
+            self._conn.close()

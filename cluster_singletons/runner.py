@@ -1,0 +1,476 @@
+"""The runner: one process's membership in the cluster and its coordinator loop.
+
+A runner registers itself, keeps its registration alive, and for every lease it is
+given work for, either leads it (renewing the lease and running the work in a thread of
+its own) or stands by (trying to take it every ``acquire_interval``). Its hosts are the
+``runcluster`` command, the beat scheduler and the worker bootstep; they only start and
+stop it.
+
+Leadership rules kept here:
+
+- A leader believes it leads only until ``renewed + ttl - margin`` by its own monotonic
+  clock, measured from *before* the renewal statement was sent, so it stops believing
+  before the database can hand the lease to someone else.
+- A renewal that fails to cover a term, a fenced write refused, or a lost liveness
+  session ends the term at once.
+- Stopping releases every lease in one statement, so standbys take over immediately.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Literal
+
+from django.db import DatabaseError, InterfaceError, connections
+
+from cluster_singletons import leases, runners
+from cluster_singletons.backoff import Backoff
+from cluster_singletons.clock import Clock, SystemClock
+from cluster_singletons.conf import ClusterSettings, get_settings
+from cluster_singletons.errors import DatabaseUnavailable, LeadershipLost, describe
+from cluster_singletons.leases import Term
+from cluster_singletons.liveness import Liveness
+
+logger = logging.getLogger("cluster_singletons.runner")
+
+_DB_ERRORS = (DatabaseError, InterfaceError)
+_PRUNE_EVERY = 60.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Leadership:
+    """What leader work receives: its term, a stop signal, and fenced transactions."""
+
+    term: Term
+    stop_event: threading.Event
+    using: str
+    ttl: float
+
+    @property
+    def running(self) -> bool:
+        """False once the term ended or the runner is stopping."""
+        return not self.stop_event.is_set()
+
+    def sleep(self, seconds: float) -> bool:
+        """Sleep, waking early when the term ends; return whether still running."""
+        return not self.stop_event.wait(seconds)
+
+    def fenced(self) -> AbstractContextManager[None]:
+        """A transaction that commits only within this term (else ``LeadershipLost``)."""
+        return leases.fenced(self.term, using=self.using, ttl=self.ttl)
+
+
+LeaderWork = Callable[[Leadership], None]
+Outcome = Literal["running", "returned", "failed", "fenced-out"]
+
+
+def idle(leadership: Leadership) -> None:
+    """Leader work that does nothing but hold the lease until its term ends."""
+    leadership.stop_event.wait()
+
+
+@dataclass(kw_only=True)
+class _Slot:
+    name: str
+    work: LeaderWork
+    term: Term | None = None
+    believed_until: float = 0.0
+    next_acquire: float = 0.0
+    thread: threading.Thread | None = None
+    stop_event: threading.Event = field(default_factory=threading.Event)
+    outcome: Outcome = "running"
+    restart_at: float | None = None
+    crashes: int = 0
+
+
+class Runner:
+    """Membership and leadership for one process; see the module docstring."""
+
+    def __init__(
+        self,
+        work: Mapping[str, LeaderWork],
+        *,
+        kind: str = "runcluster",
+        settings: ClusterSettings | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        self.settings = settings or get_settings()
+        self.kind = kind
+        self.clock: Clock = clock or SystemClock()
+        self.using = self.settings.database
+        prefix = self.settings.key_prefix
+        self._slots = {prefix + name: _Slot(name=prefix + name, work=fn) for name, fn in work.items()}
+        self.runner_id: int | None = None
+        self.error: BaseException | None = None
+        self._stopping = threading.Event()
+        self._wake = threading.Event()
+        self._ready = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._liveness: Liveness | None = None
+        self._db_backoff = Backoff(
+            initial=self.settings.retry_backoff, maximum=self.settings.retry_backoff_max
+        )
+        self._next_heartbeat = 0.0
+        self._next_prune = 0.0
+
+    # -- hosting -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Run the coordinator loop in a background thread."""
+        self._thread = threading.Thread(target=self.run, name="cluster-coordinator", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Ask for a graceful stop: end the work, release every lease, deregister."""
+        self._stopping.set()
+        self._wake.set()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the loop to end; return whether it has."""
+        assert self._thread is not None
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Wait until registered (or failed to); return whether registered."""
+        self._ready.wait(timeout)
+        return self.runner_id is not None
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def leads(self, name: str) -> bool:
+        slot = self._slots.get(self.settings.key_prefix + name)
+        return bool(slot and slot.term)
+
+    def terms(self) -> Iterator[Term]:
+        return (slot.term for slot in self._slots.values() if slot.term is not None)
+
+    # -- the loop ----------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Register (retrying), coordinate until stopped, then hand off and deregister."""
+        try:
+            if not self._register_with_retry():
+                return
+            while not self._stopping.is_set():
+                now = self.clock.monotonic()
+                next_at = self._step(now)
+                self._wake.clear()
+                if not self._stopping.is_set():
+                    self.clock.wait(self._wake, next_at - self.clock.monotonic())
+            self._shutdown()
+        except BaseException as exc:  # the loop must never die silently
+            self.error = exc
+            logger.exception("coordinator loop crashed; leadership is being abandoned")
+            self._abandon()
+        finally:
+            self._ready.set()
+            connections.close_all()
+
+    def _register_with_retry(self) -> bool:
+        start = self.clock.monotonic()
+        backoff = self._db_backoff
+        host = socket.gethostname()
+        while not self._stopping.is_set():
+            try:
+                self.runner_id = runners.register(
+                    host=host, pid=os.getpid(), kind=self.kind, using=self.using
+                )
+                leases.ensure(self._slots, using=self.using)
+                self._start_liveness()
+            except _DB_ERRORS as exc:
+                self.runner_id = None
+                waited = self.clock.monotonic() - start
+                if waited + backoff.delay > self.settings.startup_timeout:
+                    self.error = DatabaseUnavailable(waited, exc)
+                    logger.error("giving up: %s", self.error)
+                    return False
+                logger.warning(
+                    "database unreachable (%s); retrying in %.1fs (waited %.1fs of %.0fs)",
+                    describe(exc), backoff.delay, waited, self.settings.startup_timeout,
+                )
+                connections[self.using].close()
+                self.clock.wait(self._stopping, backoff.delay)
+                backoff = backoff.failed()
+                continue
+            logger.info(
+                "runner %s registered (%s:%s, %s); candidate for %s",
+                self.runner_id, host, os.getpid(), self.kind, ", ".join(sorted(self._slots)),
+            )
+            self._ready.set()
+            return True
+        return False
+
+    def _step(self, now: float) -> float:
+        """One pass of the coordinator; returns the monotonic time of the next pass."""
+        assert self.runner_id is not None
+        if self._liveness_lost():
+            self._step_down_all("liveness session lost")
+            self._restart_liveness()
+        for slot in self._slots.values():
+            self._reap(slot, now)
+            if slot.term and now >= slot.believed_until:
+                self._step_down(slot, "lease not renewed in time")
+        if now >= self._next_heartbeat:
+            self._heartbeat(now)
+        for slot in self._slots.values():
+            if slot.term is None and now >= slot.next_acquire and not _alive(slot.thread):
+                self._try_acquire(slot, now)
+            elif slot.term and slot.restart_at is not None and now >= slot.restart_at:
+                self._start_work(slot)
+        if now >= self._next_prune:
+            self._prune(now)
+        return min(
+            [self._next_heartbeat, self._next_prune]
+            + [s.believed_until for s in self._slots.values() if s.term]
+            + [s.next_acquire for s in self._slots.values() if s.term is None]
+            + [s.restart_at for s in self._slots.values() if s.restart_at is not None]
+        )
+
+    def _db(self, what: str, now: float) -> _DbAttempt:
+        return _DbAttempt(self, what, now)
+
+    def _heartbeat(self, now: float) -> None:
+        assert self.runner_id is not None
+        held = [s.term for s in self._slots.values() if s.term]
+        with self._db("renew", now) as attempt:
+            sent_at = self.clock.monotonic()
+            if not runners.touch(self.runner_id, using=self.using):
+                self._reregister()
+                return
+            kept = leases.renew(self.runner_id, held, ttl=self.settings.lease_ttl, using=self.using)
+            for slot in self._slots.values():
+                if slot.term is None:
+                    continue
+                if slot.name in kept:
+                    slot.believed_until = sent_at + self._belief_window
+                else:
+                    self._step_down(slot, "renewal found the lease expired or taken")
+            self._next_heartbeat = now + self.settings.renew_interval
+        if attempt.failed:
+            self._next_heartbeat = now + min(attempt.delay, self.settings.renew_interval)
+
+    @property
+    def _belief_window(self) -> float:
+        ttl = self.settings.lease_ttl
+        return ttl - min(1.0, ttl / 10)
+
+    def _try_acquire(self, slot: _Slot, now: float) -> None:
+        assert self.runner_id is not None
+        with self._db("acquire", now) as attempt:
+            sent_at = self.clock.monotonic()
+            term = leases.acquire(
+                slot.name,
+                self.runner_id,
+                ttl=self.settings.lease_ttl,
+                using=self.using,
+                crash_detection=self._liveness is not None,
+            )
+            slot.next_acquire = now + self.settings.acquire_interval
+            if term is not None:
+                slot.term, slot.believed_until, slot.crashes = term, sent_at + self._belief_window, 0
+                logger.info(
+                    "runner %s leads %r at epoch %s", self.runner_id, slot.name, term.epoch
+                )
+                self._start_work(slot)
+        if attempt.failed:
+            slot.next_acquire = now + attempt.delay
+
+    def _start_work(self, slot: _Slot) -> None:
+        assert slot.term is not None
+        slot.stop_event = threading.Event()
+        slot.outcome, slot.restart_at = "running", None
+        leadership = Leadership(
+            term=slot.term, stop_event=slot.stop_event, using=self.using, ttl=self.settings.lease_ttl
+        )
+        slot.thread = threading.Thread(
+            target=self._run_work, args=(slot, leadership), name=f"lead:{slot.name}", daemon=True
+        )
+        slot.thread.start()
+
+    def _run_work(self, slot: _Slot, leadership: Leadership) -> None:
+        try:
+            slot.work(leadership)
+            slot.outcome = "returned"
+        except LeadershipLost as exc:
+            logger.warning("fenced write refused: %s", exc)
+            slot.outcome = "fenced-out"
+        except Exception:
+            logger.exception("leader work for %r failed", slot.name)
+            slot.outcome = "failed"
+        finally:
+            connections.close_all()
+            self._wake.set()
+
+    def _reap(self, slot: _Slot, now: float) -> None:
+        """React to leader work that ended on its own while its term is current."""
+        if slot.term is None or slot.restart_at is not None or _alive(slot.thread):
+            return
+        if slot.thread is None or slot.stop_event.is_set():
+            return
+        if slot.outcome == "fenced-out":
+            self._step_down(slot, "a fenced write was refused")
+        elif slot.outcome == "failed":
+            slot.crashes += 1
+            delay = Backoff(
+                initial=self.settings.retry_backoff,
+                maximum=self.settings.retry_backoff_max,
+                failures=slot.crashes - 1,
+            ).delay
+            slot.restart_at = now + delay
+            logger.warning("restarting work for %r in %.1fs (crash %d)", slot.name, delay, slot.crashes)
+        elif slot.outcome == "returned":
+            logger.info("work for %r returned; holding the lease idle until the term ends", slot.name)
+            slot.stop_event.set()
+
+    def _step_down(self, slot: _Slot, reason: str) -> None:
+        if slot.term is None:
+            return
+        logger.warning(
+            "runner %s steps down from %r (epoch %s): %s",
+            self.runner_id, slot.name, slot.term.epoch, reason,
+        )
+        slot.stop_event.set()
+        slot.term, slot.restart_at = None, None
+        slot.next_acquire = self.clock.monotonic() + self.settings.acquire_interval
+
+    def _step_down_all(self, reason: str) -> None:
+        for slot in self._slots.values():
+            self._step_down(slot, reason)
+
+    def _prune(self, now: float) -> None:
+        with self._db("prune", now):
+            forgotten = runners.forget_stale(
+                older_than=self.settings.runner_forget_after, using=self.using
+            )
+            if forgotten:
+                logger.info("forgot %d runner registrations not seen for %.0fs", forgotten,
+                            self.settings.runner_forget_after)
+        self._next_prune = now + _PRUNE_EVERY
+
+    def _reregister(self) -> None:
+        logger.error(
+            "runner %s: registration was deleted (not seen for %.0fs); registering again",
+            self.runner_id, self.settings.runner_forget_after,
+        )
+        self._step_down_all("registration deleted")
+        self._close_liveness()
+        self.runner_id = runners.register(
+            host=socket.gethostname(), pid=os.getpid(), kind=self.kind, using=self.using
+        )
+        self._start_liveness()
+
+    # -- liveness (PostgreSQL) ---------------------------------------------------------
+
+    def _wants_liveness(self) -> bool:
+        return (
+            self.settings.crash_detection == "auto"
+            and connections[self.using].vendor == "postgresql"
+        )
+
+    def _start_liveness(self) -> None:
+        if not self._wants_liveness():
+            return
+        assert self.runner_id is not None
+        liveness = Liveness(using=self.using, runner_id=self.runner_id, on_release=self._on_release)
+        liveness.start()
+        runners.set_liveness_lock(self.runner_id, True, using=self.using)
+        self._liveness = liveness
+
+    def _on_release(self) -> None:
+        # A lease was released somewhere: standbys try at once instead of at their next poll.
+        for slot in self._slots.values():
+            if slot.term is None:
+                slot.next_acquire = 0.0
+        self._wake.set()
+
+    def _liveness_lost(self) -> bool:
+        return self._liveness is not None and self._liveness.lost.is_set()
+
+    def _restart_liveness(self) -> None:
+        self._close_liveness()
+        with self._db("liveness", self.clock.monotonic()):
+            self._start_liveness()
+
+    def _close_liveness(self) -> None:
+        if self._liveness is not None:
+            self._liveness.close()
+        self._liveness = None
+
+    # -- stopping ----------------------------------------------------------------------
+
+    def _shutdown(self) -> None:
+        assert self.runner_id is not None
+        logger.info("runner %s stopping: ending leader work and releasing leases", self.runner_id)
+        for slot in self._slots.values():
+            slot.stop_event.set()
+        with self._db("mark stopping", self.clock.monotonic()):
+            runners.mark_stopping(self.runner_id, using=self.using)
+        deadline = self.clock.monotonic() + self.settings.shutdown_timeout
+        for slot in self._slots.values():
+            if slot.thread is not None:
+                slot.thread.join(max(0.0, deadline - self.clock.monotonic()))
+                if slot.thread.is_alive():
+                    logger.warning("work for %r did not stop in time; releasing anyway", slot.name)
+        try:
+            released = leases.release(self.runner_id, using=self.using)
+            for slot in self._slots.values():
+                if slot.term is not None:
+                    logger.info(
+                        "runner %s released %r (epoch %s)", self.runner_id, slot.name, slot.term.epoch
+                    )
+                    slot.term = None
+            runners.deregister(self.runner_id, using=self.using)
+            logger.info("runner %s stopped; released %d lease(s)", self.runner_id, len(released))
+        except _DB_ERRORS as exc:
+            logger.error(
+                "runner %s could not release its leases (%s); they will expire", self.runner_id,
+                describe(exc),
+            )
+        finally:
+            self._close_liveness()
+
+    def _abandon(self) -> None:
+        for slot in self._slots.values():
+            slot.stop_event.set()
+            slot.term = None
+        self._close_liveness()
+
+
+class _DbAttempt:
+    """Context manager: a database error is logged in one line and paced by backoff."""
+
+    def __init__(self, runner: Runner, what: str, now: float) -> None:
+        self.runner, self.what, self.now = runner, what, now
+        self.failed = False
+        self.delay = 0.0
+
+    def __enter__(self) -> _DbAttempt:
+        return self
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> bool:
+        runner = self.runner
+        if exc is None:
+            runner._db_backoff = runner._db_backoff.reset()
+            return False
+        if not isinstance(exc, _DB_ERRORS):
+            return False
+        self.failed, self.delay = True, runner._db_backoff.delay
+        logger.warning(
+            "runner %s: %s failed (%s); retrying in %.1fs", runner.runner_id, self.what,
+            describe(exc), self.delay,
+        )
+        runner._db_backoff = runner._db_backoff.failed()
+        connections[runner.using].close()
+        return True
+
+
+def _alive(thread: threading.Thread | None) -> bool:
+    return thread is not None and thread.is_alive()

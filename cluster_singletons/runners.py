@@ -1,0 +1,47 @@
+"""The runner registry: one row per live process taking part in the cluster.
+
+Invariants:
+
+- ``last_seen`` is the database's clock at the runner's last sign of life.
+- A registration is only deleted by its own runner (clean exit) or, once it has not been
+  seen for ``runner_forget_after``, by any runner; a deleted registration releases nothing
+  by itself (its leases expire or are taken over as usual).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from django.db.models.functions import Now
+
+from cluster_singletons.models import Runner
+
+
+def register(*, host: str, pid: int, kind: str, using: str) -> int:
+    """Insert a registration and return its id (unique for the life of the table)."""
+    return Runner.objects.using(using).create(host=host, pid=pid, kind=kind).pk
+
+
+def touch(runner_id: int, *, using: str) -> bool:
+    """Record a sign of life; False if the registration no longer exists."""
+    return bool(Runner.objects.using(using).filter(pk=runner_id).update(last_seen=Now()))
+
+
+def set_liveness_lock(runner_id: int, held: bool, *, using: str) -> None:
+    """Record whether this runner holds its PostgreSQL liveness lock."""
+    Runner.objects.using(using).filter(pk=runner_id).update(liveness_lock=held)
+
+
+def mark_stopping(runner_id: int, *, using: str) -> None:
+    Runner.objects.using(using).filter(pk=runner_id).update(stopping=True, last_seen=Now())
+
+
+def deregister(runner_id: int, *, using: str) -> None:
+    Runner.objects.using(using).filter(pk=runner_id).delete()
+
+
+def forget_stale(*, older_than: float, using: str) -> int:
+    """Delete registrations not seen for ``older_than`` seconds; return how many."""
+    cutoff = Now() - dt.timedelta(seconds=older_than)
+    deleted, _ = Runner.objects.using(using).filter(last_seen__lt=cutoff).delete()
+    return deleted
