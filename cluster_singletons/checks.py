@@ -49,7 +49,7 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
             )
         )
     else:
-        errors.extend(_check_sqlite(conf.database))
+        errors.extend(sqlite_warnings(conf.database, django_settings.DATABASES[conf.database]))
     if conf.retry_backoff > conf.retry_backoff_max:
         errors.append(
             checks.Warning(
@@ -62,8 +62,8 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
     return errors
 
 
-def _check_sqlite(alias: str) -> list[checks.CheckMessage]:
-    db = django_settings.DATABASES[alias]
+def sqlite_warnings(alias: str, db: dict[str, Any]) -> list[checks.CheckMessage]:
+    """W001/W002: settings that let several processes share one SQLite file."""
     if "sqlite3" not in db.get("ENGINE", ""):
         return []
     options = db.get("OPTIONS", {})

@@ -64,7 +64,8 @@ def database_from_url(url: str) -> dict[str, Any]:
     """A DATABASES entry from ``postgres://user:pass@host:port/name`` or ``sqlite:///path``."""
     parts = urlsplit(url)
     if parts.scheme == "sqlite":
-        return sqlite_database(Path(unquote(parts.path)))
+        # sqlite:////abs/path is absolute, sqlite:///rel/path relative to the working dir.
+        return sqlite_database(Path(unquote(parts.path)[1:]).resolve())
     if parts.scheme in {"postgres", "postgresql", "pgsql"}:
         name = unquote(parts.path.lstrip("/"))
         return {

@@ -1,0 +1,140 @@
+"""A local cluster of real ``runcluster`` processes sharing the test database."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from django.db import connection
+
+from cluster_singletons.models import Lease, Runner
+
+ROOT = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
+
+
+def poll(what: str, probe: Callable[[], T | None], *, timeout: float, every: float = 0.02) -> T:
+    """Return the first truthy ``probe()`` result; fail naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(every)
+
+
+def database_url() -> str:
+    """The URL of the database this test process uses (the test database)."""
+    db = connection.settings_dict
+    if connection.vendor == "sqlite":
+        return f"sqlite:///{Path(db['NAME']).resolve()}"
+    auth = db["USER"] + (f":{db['PASSWORD']}" if db["PASSWORD"] else "")
+    return f"postgres://{auth}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
+
+
+@dataclass
+class Node:
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@dataclass(frozen=True)
+class Leader:
+    runner_id: int
+    epoch: int
+    pid: int
+
+
+class Cluster:
+    """Starts nodes, reads who leads from the database, and stops every process it started."""
+
+    def __init__(self, tmp: Path, settings: dict[str, Any], lead: list[str] | None = None) -> None:
+        self.tmp = tmp
+        self.env = {
+            **os.environ,
+            "DATABASE_URL": database_url(),
+            "CLUSTER_SINGLETONS_JSON": json.dumps(settings),
+            "CLUSTER_VAR_DIR": str(tmp / "var"),
+            "PYTHONUNBUFFERED": "1",
+        }
+        self.lead = lead or []
+        self.nodes: list[Node] = []
+
+    def start(self, count: int = 1) -> list[Node]:
+        started = []
+        for _ in range(count):
+            log = self.tmp / f"node{len(self.nodes)}.log"
+            args = [sys.executable, "manage.py", "runcluster"]
+            for spec in self.lead:
+                args += ["--lead", spec]
+            with log.open("wb") as out:
+                process = subprocess.Popen(
+                    args, cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT
+                )
+            node = Node(process, log)
+            self.nodes.append(node)
+            started.append(node)
+        pids = {node.pid for node in started}
+        poll(
+            f"{count} runner(s) to register",
+            lambda: Runner.objects.filter(pid__in=pids).count() == len(pids),
+            timeout=60,
+        )
+        return started
+
+    def leader(self, lease: str = "beat") -> Leader | None:
+        row = Lease.objects.select_related("holder").filter(name=lease).first()
+        if row is None or row.holder is None:
+            return None
+        return Leader(row.holder_id or 0, row.epoch, row.holder.pid)
+
+    def wait_for_leader(self, lease: str = "beat", *, other_than: Leader | None = None,
+                        timeout: float = 60) -> Leader:
+        def probe() -> Leader | None:
+            found = self.leader(lease)
+            if found and other_than and found.runner_id == other_than.runner_id:
+                return None
+            return found
+
+        return poll(f"a leader of {lease!r}", probe, timeout=timeout, every=0.01)
+
+    def node(self, pid: int) -> Node:
+        return next(node for node in self.nodes if node.pid == pid)
+
+    def signal(self, pid: int, signum: signal.Signals) -> float:
+        """Send ``signum`` and return the monotonic time it was sent."""
+        sent = time.monotonic()
+        os.kill(pid, signum)
+        return sent
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            if node.process.poll() is None:
+                os.kill(node.pid, signal.SIGCONT)
+                node.process.terminate()
+        for node in self.nodes:
+            try:
+                node.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                node.process.kill()
+                node.process.wait()
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {node.log.name} (pid {node.pid})\n{node.text()}" for node in self.nodes)

@@ -1,0 +1,182 @@
+"""Lease transitions against the real database (SQLite or PostgreSQL, same code)."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from django.db import connection
+from django.db.models.functions import Now
+
+from cluster_singletons import leases, runners
+from cluster_singletons.errors import LeadershipLost
+from cluster_singletons.models import Lease
+from project.demo.models import FencedWrite
+
+pytestmark = [pytest.mark.db, pytest.mark.django_db(transaction=True)]
+
+USING = "default"
+TTL = 30.0
+
+
+def _runner() -> int:
+    return runners.register(host="test", pid=1, kind="runcluster", using=USING)
+
+
+def _expire(name: str) -> None:
+    """Move the lease's expiry into the past, as if its TTL had run out."""
+    Lease.objects.filter(name=name).update(expires_at=Now() - dt.timedelta(seconds=1))
+
+
+@pytest.fixture
+def lease() -> str:
+    leases.ensure(["beat"], using=USING)
+    return "beat"
+
+
+def test_ensure_creates_a_free_lease_and_keeps_an_existing_one(lease: str) -> None:
+    row = Lease.objects.get(name=lease)
+    assert (row.holder_id, row.epoch, row.expires_at) == (None, 0, None)
+    me = _runner()
+    assert leases.acquire(lease, me, ttl=TTL, using=USING)
+    leases.ensure([lease], using=USING)
+    assert Lease.objects.get(name=lease).holder_id == me
+
+
+def test_acquire_free_lease_starts_epoch_one_with_database_expiry(lease: str) -> None:
+    me = _runner()
+    term = leases.acquire(lease, me, ttl=TTL, using=USING)
+    assert term == leases.Term(name=lease, runner_id=me, epoch=1)
+    row = Lease.objects.get(name=lease)
+    assert row.holder_id == me
+    assert row.acquired_at is not None and row.expires_at is not None
+    assert row.expires_at - row.acquired_at == pytest.approx(dt.timedelta(seconds=TTL), abs=dt.timedelta(seconds=0.01))
+
+
+def test_foreign_unexpired_lease_is_refused(lease: str) -> None:
+    first, second = _runner(), _runner()
+    assert leases.acquire(lease, first, ttl=TTL, using=USING)
+    assert leases.acquire(lease, second, ttl=TTL, using=USING) is None
+    assert Lease.objects.get(name=lease).holder_id == first
+
+
+def test_renew_extends_own_lease_and_keeps_epoch(lease: str) -> None:
+    me = _runner()
+    term = leases.acquire(lease, me, ttl=1.0, using=USING)
+    assert term is not None
+    before = Lease.objects.get(name=lease).expires_at
+    assert leases.renew(me, [term], ttl=TTL, using=USING) == {lease}
+    row = Lease.objects.get(name=lease)
+    assert row.epoch == 1 and row.expires_at is not None and before is not None
+    assert row.expires_at > before
+
+
+def test_renew_of_another_term_touches_nothing(lease: str) -> None:
+    me, other = _runner(), _runner()
+    term = leases.acquire(lease, me, ttl=TTL, using=USING)
+    assert term is not None
+    stale = leases.Term(name=lease, runner_id=me, epoch=term.epoch - 1)
+    assert leases.renew(me, [stale], ttl=TTL, using=USING) == set()
+    assert leases.renew(other, [term], ttl=TTL, using=USING) == set()
+
+
+def test_renew_of_expired_lease_fails_even_if_nobody_took_it(lease: str) -> None:
+    me = _runner()
+    term = leases.acquire(lease, me, ttl=TTL, using=USING)
+    assert term is not None
+    _expire(lease)
+    assert leases.renew(me, [term], ttl=TTL, using=USING) == set()
+
+
+def test_expired_lease_is_taken_and_epoch_increments(lease: str) -> None:
+    first, second = _runner(), _runner()
+    old = leases.acquire(lease, first, ttl=TTL, using=USING)
+    assert old is not None
+    _expire(lease)
+    new = leases.acquire(lease, second, ttl=TTL, using=USING)
+    assert new == leases.Term(name=lease, runner_id=second, epoch=old.epoch + 1)
+    assert leases.renew(first, [old], ttl=TTL, using=USING) == set()
+
+
+def test_release_frees_at_once_and_next_acquisition_raises_epoch(lease: str) -> None:
+    first, second = _runner(), _runner()
+    term = leases.acquire(lease, first, ttl=TTL, using=USING)
+    assert term is not None
+    assert leases.release(second, using=USING) == []
+    assert leases.release(first, using=USING) == [lease]
+    assert Lease.objects.get(name=lease).holder_id is None
+    assert leases.acquire(lease, second, ttl=TTL, using=USING) == leases.Term(
+        name=lease, runner_id=second, epoch=term.epoch + 1
+    )
+
+
+def test_renew_covers_several_leases_in_one_call() -> None:
+    leases.ensure(["a", "b", "c"], using=USING)
+    me = _runner()
+    terms = [leases.acquire(n, me, ttl=TTL, using=USING) for n in ("a", "b", "c")]
+    assert all(terms)
+    _expire("b")
+    assert leases.renew(me, [t for t in terms if t], ttl=TTL, using=USING) == {"a", "c"}
+
+
+def test_fenced_write_commits_within_the_term(lease: str) -> None:
+    me = _runner()
+    term = leases.acquire(lease, me, ttl=TTL, using=USING)
+    assert term is not None
+    with leases.fenced(term, using=USING, ttl=TTL):
+        FencedWrite.objects.create(lease=lease, runner_id=me, epoch=term.epoch)
+    assert FencedWrite.objects.filter(epoch=term.epoch).count() == 1
+
+
+@pytest.mark.parametrize("how", ["expired", "taken", "released"])
+def test_fenced_write_of_a_past_term_is_refused_and_writes_nothing(lease: str, how: str) -> None:
+    me, other = _runner(), _runner()
+    term = leases.acquire(lease, me, ttl=TTL, using=USING)
+    assert term is not None
+    if how in {"expired", "taken"}:
+        _expire(lease)
+    if how == "taken":
+        assert leases.acquire(lease, other, ttl=TTL, using=USING)
+    if how == "released":
+        leases.release(me, using=USING)
+    with pytest.raises(LeadershipLost) as caught, leases.fenced(term, using=USING, ttl=TTL):
+        FencedWrite.objects.create(lease=lease, runner_id=me, epoch=term.epoch)
+    assert caught.value.epoch == term.epoch
+    assert not FencedWrite.objects.exists()
+
+
+def test_failing_body_rolls_back_the_fenced_transaction(lease: str) -> None:
+    me = _runner()
+    term = leases.acquire(lease, me, ttl=TTL, using=USING)
+    assert term is not None
+    with pytest.raises(RuntimeError), leases.fenced(term, using=USING, ttl=TTL):
+        FencedWrite.objects.create(lease=lease, runner_id=me, epoch=term.epoch)
+        raise RuntimeError("boom")
+    assert not FencedWrite.objects.exists()
+
+
+@pytest.mark.postgres
+def test_postgres_takes_lease_of_a_holder_whose_session_died(lease: str) -> None:
+    """Crash detection: the holder's liveness lock vanished, so its lease is taken early."""
+    import psycopg
+
+    dead, standby = _runner(), _runner()
+    params = connection.get_connection_params()
+    session = psycopg.connect(**params, autocommit=True)
+    session.execute(
+        "SELECT pg_advisory_lock(%s, %s)", [leases.LIVENESS_LOCK_NAMESPACE, dead]
+    )
+    runners.set_liveness_lock(dead, True, using=USING)
+    assert leases.acquire(lease, dead, ttl=TTL, using=USING)
+    assert leases.acquire(lease, standby, ttl=TTL, using=USING, crash_detection=True) is None
+    session.close()  # the holder's process is gone
+    term = leases.acquire(lease, standby, ttl=TTL, using=USING, crash_detection=True)
+    assert term is not None and term.epoch == 2
+
+
+@pytest.mark.postgres
+def test_postgres_holder_without_liveness_lock_keeps_lease_until_expiry(lease: str) -> None:
+    """A holder running with crash_detection='ttl' registers no lock and is not presumed dead."""
+    holder, standby = _runner(), _runner()
+    assert leases.acquire(lease, holder, ttl=TTL, using=USING)
+    assert leases.acquire(lease, standby, ttl=TTL, using=USING, crash_detection=True) is None
