@@ -12,7 +12,11 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from cluster_singletons.clock import Clock, FrozenClock, SystemClock
     from cluster_singletons.conf import ClusterSettings, get_settings
-    from cluster_singletons.errors import ClusterSingletonsError, DatabaseUnavailable, LeadershipLost
+    from cluster_singletons.errors import (
+        ClusterSingletonsError,
+        DatabaseUnavailable,
+        LeadershipLost,
+    )
     from cluster_singletons.leases import Term
     from cluster_singletons.runner import Leadership, LeaderWork, Runner
 

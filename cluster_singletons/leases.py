@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from django.db import connections, transaction
 from django.db.models import BooleanField, DateTimeField, ExpressionWrapper, F, Q
-from django.db.models.expressions import RawSQL
+from django.db.models.expressions import CombinedExpression, RawSQL
 from django.db.models.functions import Now
 
 from cluster_singletons.errors import LeadershipLost
@@ -44,7 +44,7 @@ class Term:
     epoch: int
 
 
-def _expires_in(ttl: float) -> ExpressionWrapper:
+def _expires_in(ttl: float) -> ExpressionWrapper[CombinedExpression]:
     return ExpressionWrapper(Now() + dt.timedelta(seconds=ttl), output_field=DateTimeField())
 
 
@@ -114,9 +114,7 @@ def renew(runner_id: int, terms: Iterable[Term], *, ttl: float, using: str) -> s
     terms = list(terms)
     if not terms:
         return set()
-    same_term = functools.reduce(
-        operator.or_, (Q(name=t.name, epoch=t.epoch) for t in terms)
-    )
+    same_term = functools.reduce(operator.or_, (Q(name=t.name, epoch=t.epoch) for t in terms))
     held = Lease.objects.using(using).filter(same_term, holder_id=runner_id)
     with transaction.atomic(using=using):
         held.filter(expires_at__gt=Now()).update(renewed_at=Now(), expires_at=_expires_in(ttl))
@@ -187,4 +185,3 @@ def holders(names: Iterable[str], *, using: str) -> Mapping[str, tuple[int | Non
     """Current (holder id, epoch) per lease name, for reporting."""
     rows = Lease.objects.using(using).filter(name__in=list(names))
     return {row.name: (row.holder_id, row.epoch) for row in rows}
-

@@ -50,9 +50,7 @@ class Liveness:
             conn.close()
             raise
         self._conn = conn
-        self._thread = threading.Thread(
-            target=self._listen, name="cluster-liveness", daemon=True
-        )
+        self._thread = threading.Thread(target=self._listen, name="cluster-liveness", daemon=True)
         self._thread.start()
 
     def _listen(self) -> None:
@@ -66,7 +64,9 @@ class Liveness:
                 conn.execute("SELECT 1")
         except Exception as exc:
             if not self._closing.is_set():
-                logger.warning("liveness session lost (%s); leases will be stepped down", describe(exc))
+                logger.warning(
+                    "liveness session lost (%s); leases will be stepped down", describe(exc)
+                )
         finally:
             self.lost.set()
             self._on_release()

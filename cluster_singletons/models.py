@@ -23,7 +23,9 @@ class Runner(models.Model):
     pid = models.IntegerField()
     kind = models.CharField(max_length=16, choices=Kind.choices)
     started_at = models.DateTimeField(db_default=Now())
-    last_seen = models.DateTimeField(db_default=Now(), help_text="Database time of the last sign of life.")
+    last_seen = models.DateTimeField(
+        db_default=Now(), help_text="Database time of the last sign of life."
+    )
     stopping = models.BooleanField(default=False, help_text="Shutting down: hands off its leases.")
     liveness_lock = models.BooleanField(
         default=False,

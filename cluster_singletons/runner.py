@@ -105,7 +105,9 @@ class Runner:
         self.clock: Clock = clock or SystemClock()
         self.using = self.settings.database
         prefix = self.settings.key_prefix
-        self._slots = {prefix + name: _Slot(name=prefix + name, work=fn) for name, fn in work.items()}
+        self._slots = {
+            prefix + name: _Slot(name=prefix + name, work=fn) for name, fn in work.items()
+        }
         self.runner_id: int | None = None
         self.error: BaseException | None = None
         self._stopping = threading.Event()
@@ -157,11 +159,11 @@ class Runner:
     def run(self) -> None:
         """Register (retrying), coordinate until stopped, then hand off and deregister."""
         try:
-            if not self._register_with_retry():
+            if not self.register():
                 return
             while not self._stopping.is_set():
                 now = self.clock.monotonic()
-                next_at = self._step(now)
+                next_at = self.step(now)
                 self._wake.clear()
                 if not self._stopping.is_set():
                     self.clock.wait(self._wake, next_at - self.clock.monotonic())
@@ -174,7 +176,8 @@ class Runner:
             self._ready.set()
             connections.close_all()
 
-    def _register_with_retry(self) -> bool:
+    def register(self) -> bool:
+        """Register, retrying with capped backoff up to ``startup_timeout``; False if it gave up."""
         start = self.clock.monotonic()
         backoff = self._db_backoff
         host = socket.gethostname()
@@ -194,7 +197,10 @@ class Runner:
                     return False
                 logger.warning(
                     "database unreachable (%s); retrying in %.1fs (waited %.1fs of %.0fs)",
-                    describe(exc), backoff.delay, waited, self.settings.startup_timeout,
+                    describe(exc),
+                    backoff.delay,
+                    waited,
+                    self.settings.startup_timeout,
                 )
                 connections[self.using].close()
                 self.clock.wait(self._stopping, backoff.delay)
@@ -202,14 +208,18 @@ class Runner:
                 continue
             logger.info(
                 "runner %s registered (%s:%s, %s); candidate for %s",
-                self.runner_id, host, os.getpid(), self.kind, ", ".join(sorted(self._slots)),
+                self.runner_id,
+                host,
+                os.getpid(),
+                self.kind,
+                ", ".join(sorted(self._slots)),
             )
             self._ready.set()
             return True
         return False
 
-    def _step(self, now: float) -> float:
-        """One pass of the coordinator; returns the monotonic time of the next pass."""
+    def step(self, now: float) -> float:
+        """One pass of the coordinator at monotonic time ``now``; returns when the next is due."""
         assert self.runner_id is not None
         if self._liveness_lost():
             self._step_down_all("liveness session lost")
@@ -275,10 +285,12 @@ class Runner:
             )
             slot.next_acquire = now + self.settings.acquire_interval
             if term is not None:
-                slot.term, slot.believed_until, slot.crashes = term, sent_at + self._belief_window, 0
-                logger.info(
-                    "runner %s leads %r at epoch %s", self.runner_id, slot.name, term.epoch
+                slot.term, slot.believed_until, slot.crashes = (
+                    term,
+                    sent_at + self._belief_window,
+                    0,
                 )
+                logger.info("runner %s leads %r at epoch %s", self.runner_id, slot.name, term.epoch)
                 self._start_work(slot)
         if attempt.failed:
             slot.next_acquire = now + attempt.delay
@@ -288,7 +300,10 @@ class Runner:
         slot.stop_event = threading.Event()
         slot.outcome, slot.restart_at = "running", None
         leadership = Leadership(
-            term=slot.term, stop_event=slot.stop_event, using=self.using, ttl=self.settings.lease_ttl
+            term=slot.term,
+            stop_event=slot.stop_event,
+            using=self.using,
+            ttl=self.settings.lease_ttl,
         )
         slot.thread = threading.Thread(
             target=self._run_work, args=(slot, leadership), name=f"lead:{slot.name}", daemon=True
@@ -325,9 +340,13 @@ class Runner:
                 failures=slot.crashes - 1,
             ).delay
             slot.restart_at = now + delay
-            logger.warning("restarting work for %r in %.1fs (crash %d)", slot.name, delay, slot.crashes)
+            logger.warning(
+                "restarting work for %r in %.1fs (crash %d)", slot.name, delay, slot.crashes
+            )
         elif slot.outcome == "returned":
-            logger.info("work for %r returned; holding the lease idle until the term ends", slot.name)
+            logger.info(
+                "work for %r returned; holding the lease idle until the term ends", slot.name
+            )
             slot.stop_event.set()
 
     def _step_down(self, slot: _Slot, reason: str) -> None:
@@ -335,7 +354,10 @@ class Runner:
             return
         logger.warning(
             "runner %s steps down from %r (epoch %s): %s",
-            self.runner_id, slot.name, slot.term.epoch, reason,
+            self.runner_id,
+            slot.name,
+            slot.term.epoch,
+            reason,
         )
         slot.stop_event.set()
         slot.term, slot.restart_at = None, None
@@ -351,14 +373,18 @@ class Runner:
                 older_than=self.settings.runner_forget_after, using=self.using
             )
             if forgotten:
-                logger.info("forgot %d runner registrations not seen for %.0fs", forgotten,
-                            self.settings.runner_forget_after)
+                logger.info(
+                    "forgot %d runner registrations not seen for %.0fs",
+                    forgotten,
+                    self.settings.runner_forget_after,
+                )
         self._next_prune = now + _PRUNE_EVERY
 
     def _reregister(self) -> None:
         logger.error(
             "runner %s: registration was deleted (not seen for %.0fs); registering again",
-            self.runner_id, self.settings.runner_forget_after,
+            self.runner_id,
+            self.settings.runner_forget_after,
         )
         self._step_down_all("registration deleted")
         self._close_liveness()
@@ -424,14 +450,18 @@ class Runner:
             for slot in self._slots.values():
                 if slot.term is not None:
                     logger.info(
-                        "runner %s released %r (epoch %s)", self.runner_id, slot.name, slot.term.epoch
+                        "runner %s released %r (epoch %s)",
+                        self.runner_id,
+                        slot.name,
+                        slot.term.epoch,
                     )
                     slot.term = None
             runners.deregister(self.runner_id, using=self.using)
             logger.info("runner %s stopped; released %d lease(s)", self.runner_id, len(released))
         except _DB_ERRORS as exc:
             logger.error(
-                "runner %s could not release its leases (%s); they will expire", self.runner_id,
+                "runner %s could not release its leases (%s); they will expire",
+                self.runner_id,
                 describe(exc),
             )
         finally:
@@ -464,8 +494,11 @@ class _DbAttempt:
             return False
         self.failed, self.delay = True, runner._db_backoff.delay
         logger.warning(
-            "runner %s: %s failed (%s); retrying in %.1fs", runner.runner_id, self.what,
-            describe(exc), self.delay,
+            "runner %s: %s failed (%s); retrying in %.1fs",
+            runner.runner_id,
+            self.what,
+            describe(exc),
+            self.delay,
         )
         runner._db_backoff = runner._db_backoff.failed()
         connections[runner.using].close()

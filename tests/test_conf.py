@@ -83,6 +83,8 @@ def test_example_project_sqlite_settings_pass() -> None:
 
 
 def test_invalid_settings_raise_improperly_configured_at_use_not_import() -> None:
-    with override_settings(CLUSTER_SINGLETONS={"crash_detection": "sometimes"}):
-        with pytest.raises(ImproperlyConfigured, match="crash_detection"):
-            get_settings()
+    with (
+        override_settings(CLUSTER_SINGLETONS={"crash_detection": "sometimes"}),
+        pytest.raises(ImproperlyConfigured, match="crash_detection"),
+    ):
+        get_settings()

@@ -14,8 +14,8 @@ import pytest
 from django.db import connection
 
 from cluster_singletons.models import Lease, Runner
+from project.demo.localcluster import ROOT, Cluster, poll
 from project.demo.models import FencedWrite
-from tests.cluster import ROOT, Cluster, poll
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.django_db(transaction=True)]
 
@@ -64,7 +64,9 @@ def test_postgres_sees_a_killed_leader_long_before_its_lease_expires(
     assert time.monotonic() - sent < 5.0, cluster.logs()
 
 
-def test_sigterm_releases_at_once_exits_zero_and_deregisters(cluster_factory: type[Cluster]) -> None:
+def test_sigterm_releases_at_once_exits_zero_and_deregisters(
+    cluster_factory: type[Cluster],
+) -> None:
     cluster = cluster_factory(LONG)
     cluster.start(3)
     old = cluster.wait_for_leader()
@@ -87,20 +89,30 @@ def test_sigstopped_leader_is_fenced_out_and_steps_down_after_sigcont(
     old = cluster.wait_for_leader("probe")
     poll("fenced writes", lambda: FencedWrite.objects.filter(epoch=old.epoch).exists(), timeout=10)
     new = _stop_until_replaced(cluster, old)
-    poll("writes of the new term", lambda: FencedWrite.objects.filter(epoch=new.epoch).count() >= 3,
-         timeout=10)
+    poll(
+        "writes of the new term",
+        lambda: FencedWrite.objects.filter(epoch=new.epoch).count() >= 3,
+        timeout=10,
+    )
     os.kill(old.pid, signal.SIGCONT)
     node = cluster.node(old.pid)
-    poll("the old leader to step down",
-         lambda: f"runner {old.runner_id} steps down from 'probe'" in node.text(), timeout=15)
+    poll(
+        "the old leader to step down",
+        lambda: f"runner {old.runner_id} steps down from 'probe'" in node.text(),
+        timeout=15,
+    )
     # Usually the resumed probe's next write is refused by the fence. If it was paused inside
     # a fenced transaction on PostgreSQL, the server ended that session instead.
-    poll("the old leader's write to be refused",
-         lambda: "fenced write refused" in node.text() or "idle-in-transaction" in node.text(),
-         timeout=10)
+    poll(
+        "the old leader's write to be refused",
+        lambda: "fenced write refused" in node.text() or "idle-in-transaction" in node.text(),
+        timeout=10,
+    )
     assert node.process.poll() is None
     assert cluster.leader("probe") != old
-    epochs = list(FencedWrite.objects.filter(lease="probe").order_by("id").values_list("epoch", flat=True))
+    epochs = list(
+        FencedWrite.objects.filter(lease="probe").order_by("id").values_list("epoch", flat=True)
+    )
     assert epochs == sorted(epochs), "a write of an old term committed after a newer term's write"
     first_new = FencedWrite.objects.filter(epoch=new.epoch).order_by("id").first()
     assert first_new is not None
@@ -114,7 +126,7 @@ def _stop_until_replaced(cluster: Cluster, old: object) -> object:
     stalls every other process until it resumes (a limitation README documents); when that
     happens, resume it and stop it again.
     """
-    from tests.cluster import Leader
+    from project.demo.localcluster import Leader
 
     assert isinstance(old, Leader)
     for _ in range(5):
@@ -141,7 +153,11 @@ def test_unreachable_database_at_start_retries_then_exits_1_without_tracebacks(
     }
     done = subprocess.run(
         [sys.executable, "manage.py", "runcluster", "--skip-checks"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     output = done.stdout + done.stderr
     assert done.returncode == 1, output

@@ -50,7 +50,9 @@ def test_acquire_free_lease_starts_epoch_one_with_database_expiry(lease: str) ->
     row = Lease.objects.get(name=lease)
     assert row.holder_id == me
     assert row.acquired_at is not None and row.expires_at is not None
-    assert row.expires_at - row.acquired_at == pytest.approx(dt.timedelta(seconds=TTL), abs=dt.timedelta(seconds=0.01))
+    assert row.expires_at - row.acquired_at == pytest.approx(
+        dt.timedelta(seconds=TTL), abs=dt.timedelta(seconds=0.01)
+    )
 
 
 def test_foreign_unexpired_lease_is_refused(lease: str) -> None:
@@ -163,9 +165,7 @@ def test_postgres_takes_lease_of_a_holder_whose_session_died(lease: str) -> None
     dead, standby = _runner(), _runner()
     params = connection.get_connection_params()
     session = psycopg.connect(**params, autocommit=True)
-    session.execute(
-        "SELECT pg_advisory_lock(%s, %s)", [leases.LIVENESS_LOCK_NAMESPACE, dead]
-    )
+    session.execute("SELECT pg_advisory_lock(%s, %s)", [leases.LIVENESS_LOCK_NAMESPACE, dead])
     runners.set_liveness_lock(dead, True, using=USING)
     assert leases.acquire(lease, dead, ttl=TTL, using=USING)
     assert leases.acquire(lease, standby, ttl=TTL, using=USING, crash_detection=True) is None

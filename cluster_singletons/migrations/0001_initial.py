@@ -6,38 +6,75 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
-    dependencies = [
-    ]
+    dependencies = []
 
     operations = [
         migrations.CreateModel(
-            name='Runner',
+            name="Runner",
             fields=[
-                ('id', models.BigAutoField(primary_key=True, serialize=False)),
-                ('host', models.CharField(max_length=255)),
-                ('pid', models.IntegerField()),
-                ('kind', models.CharField(choices=[('runcluster', 'runcluster command'), ('beat', 'Celery beat'), ('worker', 'Celery worker')], max_length=16)),
-                ('started_at', models.DateTimeField(db_default=django.db.models.functions.datetime.Now())),
-                ('last_seen', models.DateTimeField(db_default=django.db.models.functions.datetime.Now(), help_text='Database time of the last sign of life.')),
-                ('stopping', models.BooleanField(default=False, help_text='Shutting down: hands off its leases.')),
-                ('liveness_lock', models.BooleanField(default=False, help_text='Holds a PostgreSQL advisory lock while alive, so its crash is seen at once.')),
+                ("id", models.BigAutoField(primary_key=True, serialize=False)),
+                ("host", models.CharField(max_length=255)),
+                ("pid", models.IntegerField()),
+                (
+                    "kind",
+                    models.CharField(
+                        choices=[
+                            ("runcluster", "runcluster command"),
+                            ("beat", "Celery beat"),
+                            ("worker", "Celery worker"),
+                        ],
+                        max_length=16,
+                    ),
+                ),
+                (
+                    "started_at",
+                    models.DateTimeField(db_default=django.db.models.functions.datetime.Now()),
+                ),
+                (
+                    "last_seen",
+                    models.DateTimeField(
+                        db_default=django.db.models.functions.datetime.Now(),
+                        help_text="Database time of the last sign of life.",
+                    ),
+                ),
+                (
+                    "stopping",
+                    models.BooleanField(
+                        default=False, help_text="Shutting down: hands off its leases."
+                    ),
+                ),
+                (
+                    "liveness_lock",
+                    models.BooleanField(
+                        default=False,
+                        help_text="Holds a PostgreSQL advisory lock while alive, so its crash is seen at once.",
+                    ),
+                ),
             ],
             options={
-                'indexes': [models.Index(fields=['last_seen'], name='cs_runner_last_seen')],
+                "indexes": [models.Index(fields=["last_seen"], name="cs_runner_last_seen")],
             },
         ),
         migrations.CreateModel(
-            name='Lease',
+            name="Lease",
             fields=[
-                ('name', models.CharField(max_length=200, primary_key=True, serialize=False)),
-                ('epoch', models.BigIntegerField(default=0)),
-                ('acquired_at', models.DateTimeField(blank=True, null=True)),
-                ('renewed_at', models.DateTimeField(blank=True, null=True)),
-                ('expires_at', models.DateTimeField(blank=True, null=True)),
-                ('holder', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='leases', to='cluster_singletons.runner')),
+                ("name", models.CharField(max_length=200, primary_key=True, serialize=False)),
+                ("epoch", models.BigIntegerField(default=0)),
+                ("acquired_at", models.DateTimeField(blank=True, null=True)),
+                ("renewed_at", models.DateTimeField(blank=True, null=True)),
+                ("expires_at", models.DateTimeField(blank=True, null=True)),
+                (
+                    "holder",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="leases",
+                        to="cluster_singletons.runner",
+                    ),
+                ),
             ],
         ),
     ]

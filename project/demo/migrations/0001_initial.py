@@ -5,24 +5,32 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
-    dependencies = [
-    ]
+    dependencies = []
 
     operations = [
         migrations.CreateModel(
-            name='FencedWrite',
+            name="FencedWrite",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('lease', models.CharField(max_length=200)),
-                ('runner_id', models.BigIntegerField()),
-                ('epoch', models.BigIntegerField()),
-                ('written_at', models.DateTimeField(db_default=django.db.models.functions.datetime.Now())),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("lease", models.CharField(max_length=200)),
+                ("runner_id", models.BigIntegerField()),
+                ("epoch", models.BigIntegerField()),
+                (
+                    "written_at",
+                    models.DateTimeField(db_default=django.db.models.functions.datetime.Now()),
+                ),
             ],
             options={
-                'indexes': [models.Index(fields=['lease', 'epoch'], name='demo_fenced_lease_c83f45_idx')],
+                "indexes": [
+                    models.Index(fields=["lease", "epoch"], name="demo_fenced_lease_c83f45_idx")
+                ],
             },
         ),
     ]

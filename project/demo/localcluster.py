@@ -1,4 +1,7 @@
-"""A local cluster of real ``runcluster`` processes sharing the test database."""
+"""A local cluster of real ``runcluster`` processes sharing this process's database.
+
+Used by the demo command and the multi-process tests.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from django.db import connection
 
 from cluster_singletons.models import Lease, Runner
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
 
 
@@ -71,7 +74,6 @@ class Cluster:
             **os.environ,
             "DATABASE_URL": database_url(),
             "CLUSTER_SINGLETONS_JSON": json.dumps(settings),
-            "CLUSTER_VAR_DIR": str(tmp / "var"),
             "PYTHONUNBUFFERED": "1",
         }
         self.lead = lead or []
@@ -99,14 +101,40 @@ class Cluster:
         )
         return started
 
+    def start_worker(self) -> Node:
+        """A Celery worker of the example project on the configured broker."""
+        log = self.tmp / f"worker{len(self.nodes)}.log"
+        args = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "project",
+            "worker",
+            "--loglevel",
+            "INFO",
+            "--concurrency",
+            "1",
+            "--without-gossip",
+            "--without-mingle",
+        ]
+        with log.open("wb") as out:
+            process = subprocess.Popen(
+                args, cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT
+            )
+        node = Node(process, log)
+        self.nodes.append(node)
+        return node
+
     def leader(self, lease: str = "beat") -> Leader | None:
         row = Lease.objects.select_related("holder").filter(name=lease).first()
         if row is None or row.holder is None:
             return None
         return Leader(row.holder_id or 0, row.epoch, row.holder.pid)
 
-    def wait_for_leader(self, lease: str = "beat", *, other_than: Leader | None = None,
-                        timeout: float = 60) -> Leader:
+    def wait_for_leader(
+        self, lease: str = "beat", *, other_than: Leader | None = None, timeout: float = 60
+    ) -> Leader:
         def probe() -> Leader | None:
             found = self.leader(lease)
             if found and other_than and found.runner_id == other_than.runner_id:
@@ -137,4 +165,6 @@ class Cluster:
                 node.process.wait()
 
     def logs(self) -> str:
-        return "\n".join(f"--- {node.log.name} (pid {node.pid})\n{node.text()}" for node in self.nodes)
+        return "\n".join(
+            f"--- {node.log.name} (pid {node.pid})\n{node.text()}" for node in self.nodes
+        )

@@ -1,0 +1,94 @@
+"""``python manage.py demo``: a local cluster of three runners and a worker, and a failover."""
+
+from __future__ import annotations
+
+import itertools
+import signal
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from django.core.management.base import BaseCommand
+
+from cluster_singletons.conf import get_settings
+from project.demo.localcluster import Cluster, Leader, poll
+from project.demo.models import FencedWrite
+from project.demo.tasks import ping
+
+
+class Command(BaseCommand):
+    help = "Run 3 runners and a Celery worker, kill the leader, show the takeover (~1 minute)."
+
+    def add_arguments(self, parser: Any) -> None:
+        parser.add_argument(
+            "--settle", type=float, default=15.0, help="Seconds to run before each kill."
+        )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        settle: float = options["settle"]
+        settings = get_settings()
+        with tempfile.TemporaryDirectory(prefix="cluster-demo-") as tmp:
+            cluster = Cluster(Path(tmp), {}, lead=["probe=project.demo.work:fenced_probe"])
+            try:
+                self._run(cluster, settle, settings.lease_ttl)
+            finally:
+                cluster.stop()
+
+    def _run(self, cluster: Cluster, settle: float, ttl: float) -> None:
+        say = self.stdout.write
+        say(f"starting 3 runners and a Celery worker (lease TTL {ttl:g}s) ...")
+        worker = cluster.start_worker()
+        cluster.start(3)
+        first = cluster.wait_for_leader("probe")
+        say(self._who(first, "probe") + "; it writes a fenced row every 50 ms")
+        say(self._who(cluster.wait_for_leader("beat"), "beat"))
+        time.sleep(settle)
+
+        say(f"SIGKILL the leader of 'probe' (pid {first.pid}) ...")
+        sent = cluster.signal(first.pid, signal.SIGKILL)
+        second = cluster.wait_for_leader("probe", other_than=first, timeout=ttl + 30)
+        killed_after = time.monotonic() - sent
+        say(self._who(second, "probe") + f": took over {killed_after:.2f}s after the kill")
+        time.sleep(settle / 2)
+
+        say(f"SIGTERM the leader of 'probe' (pid {second.pid}): it hands off and exits ...")
+        sent = cluster.signal(second.pid, signal.SIGTERM)
+        third = cluster.wait_for_leader("probe", other_than=second, timeout=ttl + 30)
+        handoff_after = time.monotonic() - sent
+        exit_code = cluster.node(second.pid).process.wait(timeout=30)
+        say(
+            self._who(third, "probe") + f": took over {handoff_after:.2f}s after SIGTERM "
+            f"(old leader exited {exit_code})"
+        )
+
+        note = uuid.uuid4().hex[:8]
+        ping.delay(note)
+        poll("the worker to run the task", lambda: f"ping {note}" in worker.text(), timeout=60)
+        say(f"the Celery worker ran demo.ping({note!r}) from the broker")
+
+        writes = FencedWrite.objects.filter(lease="probe")
+        late = sum(
+            writes.filter(epoch=old.epoch, id__gt=first_of_next).count()
+            for old, first_of_next in self._term_starts(writes, [first, second, third])
+        )
+        say(
+            f"SUMMARY takeover after SIGKILL {killed_after:.2f}s (TTL {ttl:g}s), handoff after "
+            f"SIGTERM {handoff_after:.2f}s, epochs {first.epoch}->{second.epoch}->{third.epoch}, "
+            f"{writes.count()} fenced writes, {late} from deposed leaders after takeover"
+        )
+
+    @staticmethod
+    def _who(leader: Leader, lease: str) -> str:
+        who = f"runner {leader.runner_id} (pid {leader.pid})"
+        return f"{lease!r} is led by {who} at epoch {leader.epoch}"
+
+    @staticmethod
+    def _term_starts(writes: Any, terms: list[Leader]) -> list[tuple[Leader, int]]:
+        pairs = []
+        for old, new in itertools.pairwise(terms):
+            first_new = writes.filter(epoch=new.epoch).order_by("id").first()
+            if first_new is not None:
+                pairs.append((old, first_new.id))
+        return pairs

@@ -1,0 +1,154 @@
+"""The coordinator loop driven step by step with a frozen clock, on the real database."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import pytest
+from django.db import OperationalError
+from django.db.models.functions import Now
+
+from cluster_singletons import leases
+from cluster_singletons.clock import FrozenClock
+from cluster_singletons.conf import ClusterSettings
+from cluster_singletons.models import Lease
+from cluster_singletons.models import Runner as RunnerRow
+from cluster_singletons.runner import Leadership, Runner, idle
+from project.demo.localcluster import poll
+
+pytestmark = [pytest.mark.db, pytest.mark.django_db(transaction=True)]
+
+SETTINGS = ClusterSettings(
+    lease_ttl=10,
+    renew_interval=3,
+    acquire_interval=0.5,
+    retry_backoff=1,
+    retry_backoff_max=4,
+    crash_detection="ttl",
+)
+
+
+@pytest.fixture
+def clock() -> FrozenClock:
+    return FrozenClock()
+
+
+@pytest.fixture
+def made() -> Iterator[list[Runner]]:
+    runners: list[Runner] = []
+    yield runners
+    for runner in runners:
+        runner._abandon()
+
+
+def _runner(work: dict[str, object], clock: FrozenClock, made: list[Runner]) -> Runner:
+    runner = Runner(work, settings=SETTINGS, clock=clock)  # type: ignore[arg-type]
+    made.append(runner)
+    assert runner.register()
+    return runner
+
+
+def test_leader_that_cannot_renew_stops_believing_before_the_lease_can_expire(
+    clock: FrozenClock, made: list[Runner], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runner = _runner({"beat": idle}, clock, made)
+    runner.step(clock.monotonic())
+    assert runner.leads("beat")
+
+    def unreachable(*args: object, **kwargs: object) -> set[str]:
+        raise OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(leases, "renew", unreachable)
+    elapsed = 0.0
+    while runner.leads("beat"):
+        clock.advance(0.25)
+        elapsed += 0.25
+        runner.step(clock.monotonic())
+        assert elapsed < SETTINGS.lease_ttl, "still believed it leads after a whole TTL"
+    # It let go a margin before the TTL, and the database still shows the lease unexpired:
+    # no other runner could have taken it while this one still believed it led.
+    assert elapsed <= SETTINGS.lease_ttl - 1.0
+    assert Lease.objects.filter(name="beat", expires_at__gt=Now()).exists()
+
+
+def test_work_that_raises_is_restarted_with_capped_backoff_while_leading(
+    clock: FrozenClock, made: list[Runner]
+) -> None:
+    calls: list[int] = []
+
+    def flaky(leadership: Leadership) -> None:
+        calls.append(leadership.term.epoch)
+        raise RuntimeError("boom")
+
+    runner = _runner({"job": flaky}, clock, made)
+    runner.step(clock.monotonic())
+    delays = []
+    for attempt in range(1, 5):
+        poll(
+            "the work to fail",
+            lambda n=attempt: len(calls) == n and not _work_alive(runner),
+            timeout=10,
+        )
+        failed_at = clock.monotonic()
+        runner.step(failed_at)  # notices the failure and schedules the restart
+        restart_at = runner._slots["job"].restart_at
+        assert restart_at is not None
+        delays.append(restart_at - failed_at)
+        clock.advance(restart_at - failed_at - 0.25)
+        runner.step(clock.monotonic())
+        assert len(calls) == attempt and not _work_alive(runner), "restarted before its delay"
+        clock.advance(0.25)
+        runner.step(clock.monotonic())
+        poll("the restart", lambda n=attempt: len(calls) == n + 1, timeout=10)
+    assert delays == [1.0, 2.0, 4.0, 4.0]
+    assert runner.leads("job") and set(calls) == {1}
+
+
+def test_refused_fenced_write_ends_the_term_at_once(clock: FrozenClock, made: list[Runner]) -> None:
+    deposed = threading.Event()
+
+    def writer(leadership: Leadership) -> None:
+        Lease.objects.filter(name="job").update(epoch=leadership.term.epoch + 1)  # taken over
+        try:
+            with leadership.fenced():
+                pass
+        finally:
+            deposed.set()
+
+    runner = _runner({"job": writer}, clock, made)
+    runner.step(clock.monotonic())
+    assert deposed.wait(10)
+    poll("the work to end", lambda: not _work_alive(runner), timeout=10)
+    runner.step(clock.monotonic())
+    assert not runner.leads("job")
+
+
+def test_stop_releases_every_lease_at_once_and_deregisters() -> None:
+    runner = Runner({"beat": idle, "job": idle}, settings=SETTINGS)
+    runner.start()
+    try:
+        poll("both leases", lambda: runner.leads("beat") and runner.leads("job"), timeout=10)
+    finally:
+        runner.stop()
+        assert runner.join(10)
+    assert runner.error is None
+    assert not Lease.objects.filter(holder__isnull=False).exists()
+    assert not RunnerRow.objects.exists()
+
+
+def test_key_prefix_namespaces_lease_names(clock: FrozenClock, made: list[Runner]) -> None:
+    runner = Runner(
+        {"beat": idle}, settings=SETTINGS.model_copy(update={"key_prefix": "shop:"}), clock=clock
+    )
+    made.append(runner)
+    assert runner.register()
+    runner.step(clock.monotonic())
+    assert runner.leads("beat")
+    assert list(Lease.objects.values_list("name", flat=True)) == ["shop:beat"]
+
+
+def _work_alive(runner: Runner) -> bool:
+    return any(
+        slot.thread is not None and slot.thread.is_alive() for slot in runner._slots.values()
+    )
