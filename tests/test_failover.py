@@ -152,7 +152,7 @@ def test_unreachable_database_at_start_retries_then_exits_1_without_tracebacks(
         "CLUSTER_VAR_DIR": str(tmp_path),
     }
     done = subprocess.run(
-        [sys.executable, "manage.py", "runcluster", "--skip-checks"],
+        [sys.executable, "manage.py", "runcluster"],
         cwd=ROOT,
         env=env,
         capture_output=True,
