@@ -120,6 +120,7 @@ class Runner:
         )
         self._next_heartbeat = 0.0
         self._next_prune = 0.0
+        self._next_liveness = float("inf")
 
     # -- hosting -----------------------------------------------------------------------
 
@@ -221,9 +222,10 @@ class Runner:
     def step(self, now: float) -> float:
         """One pass of the coordinator at monotonic time ``now``; returns when the next is due."""
         assert self.runner_id is not None
-        if self._liveness_lost():
+        if self._liveness is not None and self._liveness.lost.is_set():
             self._step_down_all("liveness session lost")
-            self._restart_liveness()
+            self._close_liveness()
+        may_lead = self._ensure_liveness(now)
         for slot in self._slots.values():
             self._reap(slot, now)
             if slot.term and now >= slot.believed_until:
@@ -231,14 +233,19 @@ class Runner:
         if now >= self._next_heartbeat:
             self._heartbeat(now)
         for slot in self._slots.values():
-            if slot.term is None and now >= slot.next_acquire and not _alive(slot.thread):
+            if (
+                slot.term is None
+                and may_lead
+                and now >= slot.next_acquire
+                and not _alive(slot.thread)
+            ):
                 self._try_acquire(slot, now)
             elif slot.term and slot.restart_at is not None and now >= slot.restart_at:
                 self._start_work(slot)
         if now >= self._next_prune:
             self._prune(now)
         return min(
-            [self._next_heartbeat, self._next_prune]
+            [self._next_heartbeat, self._next_prune, self._next_liveness]
             + [s.believed_until for s in self._slots.values() if s.term]
             + [s.next_acquire for s in self._slots.values() if s.term is None]
             + [s.restart_at for s in self._slots.values() if s.restart_at is not None]
@@ -402,13 +409,36 @@ class Runner:
         )
 
     def _start_liveness(self) -> None:
+        """Take the liveness lock and record that this runner holds one."""
         if not self._wants_liveness():
             return
         assert self.runner_id is not None
         liveness = Liveness(using=self.using, runner_id=self.runner_id, on_release=self._on_release)
         liveness.start()
-        runners.set_liveness_lock(self.runner_id, True, using=self.using)
+        try:
+            runners.set_liveness_lock(self.runner_id, True, using=self.using)
+        except BaseException:
+            liveness.close()
+            raise
         self._liveness = liveness
+
+    def _ensure_liveness(self, now: float) -> bool:
+        """Whether this runner may take leases: on PostgreSQL only while it holds its lock.
+
+        Its registration says it holds one, so taking a lease without it would invite
+        standbys to take the lease straight back.
+        """
+        if self._liveness is not None or not self._wants_liveness():
+            return True
+        if now < self._next_liveness:
+            return False
+        with self._db("liveness", now) as attempt:
+            self._start_liveness()
+            self._next_liveness = float("inf")
+            logger.info("runner %s: liveness session restored", self.runner_id)
+        if attempt.failed:
+            self._next_liveness = now + attempt.delay
+        return self._liveness is not None
 
     def _on_release(self) -> None:
         # A lease was released somewhere: standbys try at once instead of at their next poll.
@@ -417,18 +447,11 @@ class Runner:
                 slot.next_acquire = 0.0
         self._wake.set()
 
-    def _liveness_lost(self) -> bool:
-        return self._liveness is not None and self._liveness.lost.is_set()
-
-    def _restart_liveness(self) -> None:
-        self._close_liveness()
-        with self._db("liveness", self.clock.monotonic()):
-            self._start_liveness()
-
     def _close_liveness(self) -> None:
         if self._liveness is not None:
             self._liveness.close()
         self._liveness = None
+        self._next_liveness = self.clock.monotonic()
 
     # -- stopping ----------------------------------------------------------------------
 

@@ -171,3 +171,34 @@ def test_lease_rows_exist_for_what_runners_stand_for(cluster_factory: type[Clust
     cluster.start(1)
     poll("both leases led", lambda: cluster.leader("beat") and cluster.leader("probe"), timeout=10)
     assert set(Lease.objects.values_list("name", flat=True)) == {"beat", "probe"}
+
+
+@pytest.mark.postgres
+def test_postgres_leader_that_loses_its_session_steps_down_and_a_standby_takes_over(
+    cluster_factory: type[Cluster],
+) -> None:
+    """The database drops the leader's liveness session: it stops leading at once."""
+    from cluster_singletons.leases import LIVENESS_LOCK_NAMESPACE
+
+    cluster = cluster_factory(LONG)
+    cluster.start(2)
+    old = cluster.wait_for_leader()
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' "
+            "AND classid = %s::oid AND objid = %s::oid AND granted",
+            [LIVENESS_LOCK_NAMESPACE, old.runner_id],
+        )
+        assert cursor.fetchall() == [(True,)]
+    new = cluster.wait_for_leader(other_than=old, timeout=10)
+    assert new.epoch == old.epoch + 1
+    node = cluster.node(old.pid)
+    poll(
+        "the old leader to step down and restore its session",
+        lambda: (
+            "liveness session lost" in node.text()
+            and f"runner {old.runner_id}: liveness session restored" in node.text()
+        ),
+        timeout=15,
+    )
+    assert node.process.poll() is None
