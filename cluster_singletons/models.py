@@ -53,3 +53,67 @@ class Lease(models.Model):
 
     def __str__(self) -> str:
         return f"lease {self.name!r} (epoch {self.epoch})"
+
+
+class StateRecord(models.Model):
+    """The durable, typed state of one key (a singleton's, or a standalone store's).
+
+    ``value`` is the JSON text as stored, so a row this code cannot decode can still be
+    read, shown and repaired; ``version`` is the compare-and-swap counter.
+    """
+
+    class Status(models.TextChoices):
+        OK = "ok", "ok"
+        QUARANTINED = "quarantined", "quarantined"
+
+    key = models.CharField(max_length=255, primary_key=True)
+    value = models.TextField()
+    schema_version = models.PositiveIntegerField(default=1)
+    version = models.BigIntegerField(default=1)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.OK)
+    problem = models.TextField(blank=True, default="", help_text="Why it is quarantined.")
+    updated_at = models.DateTimeField(db_default=Now())
+    updated_epoch = models.BigIntegerField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"state {self.key!r} v{self.version}"
+
+
+class StateHistory(models.Model):
+    """An old value kept when state is reset, quarantined, upgraded or edited."""
+
+    class Reason(models.TextChoices):
+        RESET = "reset", "reset"
+        QUARANTINE = "quarantine", "quarantined"
+        UPGRADE = "upgrade", "schema upgrade"
+        EDIT = "edit", "edited"
+
+    key = models.CharField(max_length=255)
+    value = models.TextField()
+    schema_version = models.PositiveIntegerField()
+    version = models.BigIntegerField()
+    reason = models.CharField(max_length=16, choices=Reason.choices)
+    note = models.TextField(blank=True, default="")
+    recorded_at = models.DateTimeField(db_default=Now())
+
+    class Meta:
+        verbose_name_plural = "state history"
+        indexes = [models.Index(fields=["key", "-recorded_at"], name="cs_state_history_key")]
+
+
+class StepRecord(models.Model):
+    """The recorded result of ``ctx.step(name, fn)`` for one run of one singleton."""
+
+    singleton = models.CharField(max_length=200)
+    run_key = models.CharField(max_length=200)
+    name = models.CharField(max_length=200)
+    result = models.TextField()
+    epoch = models.BigIntegerField()
+    recorded_at = models.DateTimeField(db_default=Now())
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["singleton", "run_key", "name"], name="cs_step_once_per_run"
+            )
+        ]
