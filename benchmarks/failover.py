@@ -120,14 +120,15 @@ class Procs:
             child.stop()
 
 
-def summary(times: list[float]) -> dict[str, Any]:
-    """median, nearest-rank p95, min, max (seconds, 3 decimals) and n."""
+def summary(times: list[float], attempts: int) -> dict[str, Any]:
+    """n measured of ``attempts``; median, nearest-rank p95, min, max (s, 3 decimals)."""
     if not times:
-        return {"n": 0, "median": None, "p95": None, "min": None, "max": None}
+        return {"n": 0, "attempts": attempts, "median": None, "p95": None, "min": None,
+                "max": None}
     s = sorted(times)
     p95 = s[max(0, math.ceil(0.95 * len(s)) - 1)]
     stats = {"median": statistics.median(s), "p95": p95, "min": s[0], "max": s[-1]}
-    return {"n": len(s), **{k: round(v, 3) for k, v in stats.items()}}
+    return {"n": len(s), "attempts": attempts, **{k: round(v, 3) for k, v in stats.items()}}
 
 
 # -- our runners ---------------------------------------------------------------------------
@@ -142,9 +143,7 @@ class Database:
                     if k not in {"CLUSTER_SINGLETONS_JSON", "DATABASE_URL"}}
         self.env.update(CLUSTER_VAR_DIR=str(tmp), PYTHONUNBUFFERED="1")
         if kind == "postgres":
-            with psycopg.connect(f"{PG_SERVER}/postgres", autocommit=True) as admin:
-                admin.execute(f"DROP DATABASE IF EXISTS {PG_BENCH_DB} WITH (FORCE)")
-                admin.execute(f"CREATE DATABASE {PG_BENCH_DB}")
+            drop_pg_db(create=True)
             self.env["DATABASE_URL"] = f"postgres://postgres@127.0.0.1:5432/{PG_BENCH_DB}"
         subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=REPO, env=self.env,
                        check=True)
@@ -152,7 +151,7 @@ class Database:
             self.conn: Any = psycopg.connect(f"{PG_SERVER}/{PG_BENCH_DB}", autocommit=True)
             self.version = "PostgreSQL " + self.one("SHOW server_version")[0]
         else:
-            self.conn = sqlite3.connect(tmp / "db.sqlite3", isolation_level=None, timeout=0)
+            self.conn = sqlite3.connect(tmp / "db.sqlite3", isolation_level=None, timeout=1)
             self.version = "SQLite " + sqlite3.sqlite_version
 
     def one(self, sql: str) -> tuple[Any, ...] | None:
@@ -170,18 +169,22 @@ class Database:
                            " WHERE datname = current_database()"
                            " AND state LIKE 'idle in transaction%'")
             return bool(row and row[0])
+        self.conn.execute("PRAGMA busy_timeout = 0")
         try:
             self.conn.execute("BEGIN IMMEDIATE")
             self.conn.execute("ROLLBACK")
             return False
         except sqlite3.OperationalError:  # "database is locked"
             return True
+        finally:
+            self.conn.execute("PRAGMA busy_timeout = 1000")
 
-    def close(self) -> None:
-        self.conn.close()
-        if self.kind == "postgres":
-            with psycopg.connect(f"{PG_SERVER}/postgres", autocommit=True) as admin:
-                admin.execute(f"DROP DATABASE IF EXISTS {PG_BENCH_DB} WITH (FORCE)")
+
+def drop_pg_db(create: bool = False) -> None:
+    with psycopg.connect(f"{PG_SERVER}/postgres", autocommit=True) as admin:
+        admin.execute(f"DROP DATABASE IF EXISTS {PG_BENCH_DB} WITH (FORCE)")
+        if create:
+            admin.execute(f"CREATE DATABASE {PG_BENCH_DB}")
 
 
 class Cluster:
@@ -224,6 +227,7 @@ def run_ours(cluster: Cluster, trials: int, rng: random.Random) -> dict[str, Any
     times: dict[str, list[float]] = {"sigkill": [], "sigstop": [], "sigterm": [],
                                      "sigstop_stepdown": []}
     notes: dict[str, dict[str, int]] = {name: {} for name in times}
+    attempts = dict.fromkeys(times, 0)
 
     def note(case: str, what: str) -> None:
         notes[case][what] = notes[case].get(what, 0) + 1
@@ -238,6 +242,7 @@ def run_ours(cluster: Cluster, trials: int, rng: random.Random) -> dict[str, Any
                 raise RuntimeError("leadership moved before the signal was sent")
             t0 = time.monotonic()
             os.kill(proc.pid, sig)
+            attempts[case] += 1
             limit = s.lease_ttl + (8 if sig == signal.SIGSTOP else s.renew_interval + 10)
             took = cluster.takeover(old_id, t0, limit)
             print(f"  trial {i + 1} {case}: "
@@ -257,16 +262,21 @@ def run_ours(cluster: Cluster, trials: int, rng: random.Random) -> dict[str, Any
                 t_cont = time.monotonic()
                 os.kill(proc.pid, signal.SIGCONT)
                 if took is not None:
-                    wait_for(f"pid {proc.pid} to step down",
-                             lambda p=proc, m=mark: "steps down" in p.text(m), 30)
-                    times["sigstop_stepdown"].append(time.monotonic() - t_cont)
+                    attempts["sigstop_stepdown"] += 1
+                    try:
+                        wait_for(f"pid {proc.pid} to step down",
+                                 lambda p=proc, m=mark: "steps down" in p.text(m), 30)
+                        times["sigstop_stepdown"].append(time.monotonic() - t_cont)
+                    except TimeoutError:
+                        note("sigstop_stepdown", "no 'steps down' logged within 30s")
                     if (cluster.db.holder() or (None,))[0] == old_id:
                         note(case, "old leader still holds after SIGCONT")
             if took is not None:
                 times[case].append(took)
             elif sig != signal.SIGSTOP:
                 note(case, f"no takeover within {limit:.0f}s")
-    return {case: {**summary(t), "notes": notes[case]} for case, t in times.items()}
+    return {case: {**summary(t, attempts[case]), "notes": notes[case]}
+            for case, t in times.items()}
 
 
 # -- redbeat -------------------------------------------------------------------------------
@@ -302,6 +312,7 @@ def run_redbeat_case(procs: Procs, name: str, trials: int, cap: float, rng: rand
     result: dict[str, Any] = {"lock_timeout_setting": lock_timeout, "max_loop_setting": max_loop}
     times: list[float] = []
     missed: list[int] = []
+    kills = 0
     try:
         holder = start_beat()
         wait_for("the first beat to take the lock", lambda: "Acquired lock" in holder.text(), 30)
@@ -312,6 +323,7 @@ def run_redbeat_case(procs: Procs, name: str, trials: int, cap: float, rng: rand
             token = r.get(lock_key)
             t0 = time.monotonic()
             os.kill(holder.pid, signal.SIGKILL)
+            kills += 1
             holder.proc.wait(10)
             took = None
             while time.monotonic() - t0 < cap:
@@ -338,7 +350,7 @@ def run_redbeat_case(procs: Procs, name: str, trials: int, cap: float, rng: rand
         for pattern in (f"{prefix}*", f"_kombu.*{prefix}*"):
             for key in r.scan_iter(match=pattern):
                 r.delete(key)
-    return {**summary(times), **result, "missed_ticks": missed}
+    return {**summary(times, kills), **result, "missed_ticks": missed}
 
 
 # -- report --------------------------------------------------------------------------------
@@ -349,11 +361,12 @@ def fmt(value: float | None) -> str:
 
 
 def print_table(rows: list[tuple[str, dict[str, Any], str]]) -> None:
-    head = f"{'case':<34} {'trials':>6} {'median s':>9} {'p95 s':>9} {'min':>9} {'max':>9}  notes"
+    head = f"{'case':<34} {'trials':>7} {'median s':>9} {'p95 s':>9} {'min':>9} {'max':>9}  notes"
     print(head)
     print("-" * len(head))
     for label, r, extra in rows:
-        print(f"{label:<34} {r['n']:>6} {fmt(r['median']):>9} {fmt(r['p95']):>9} "
+        trials = f"{r['n']}/{r['attempts']}"
+        print(f"{label:<34} {trials:>7} {fmt(r['median']):>9} {fmt(r['p95']):>9} "
               f"{fmt(r['min']):>9} {fmt(r['max']):>9}  {extra}")
 
 
@@ -377,7 +390,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks
     rng = random.Random(args.seed)
     tmp = Path(tempfile.mkdtemp(prefix="cs-failover-"))
-    procs, db = Procs(tmp), None
+    procs = Procs(tmp)
     try:
         db = Database(args.db, tmp)
         ours = run_ours(Cluster(procs, db), args.trials, rng)
@@ -390,8 +403,8 @@ def main() -> None:
         db_version = db.version
     finally:
         procs.stop_all()
-        if db is not None:
-            db.close()
+        if args.db == "postgres":
+            drop_pg_db()
         shutil.rmtree(tmp, ignore_errors=True)
 
     rows = [(f"ours {args.db} {case}", r, "; ".join(f"{k}: {v}" for k, v in r["notes"].items()))
@@ -407,15 +420,18 @@ def main() -> None:
     print("(p95 = nearest rank; times from just before os.kill to the first 10 ms poll that shows"
           " the new holder; sigstop_stepdown = SIGCONT until the old leader logs 'steps down')")
     print(machine(db_version))
-    keys = ("lease_ttl", "renew_interval", "acquire_interval", "crash_detection")
+    keep = ("median", "p95", "n", "attempts", "notes", "lock_ttl_observed_s",
+            "no_takeover_within_s", "missed_ticks")
+
+    def pick(r: dict[str, Any]) -> dict[str, Any]:
+        return {k: r[k] for k in keep if r.get(k) not in (None, {}, [])}
+
     result = {
         "db": args.db, "trials": args.trials,
-        "cases": {case: {k: r[k] for k in ("median", "p95", "n")} | ({"notes": r["notes"]}
-                  if r["notes"] else {}) for case, r in ours.items()},
-        "redbeat": {name: {k: r.get(k) for k in ("median", "p95", "n", "lock_ttl_observed_s",
-                                                 "no_takeover_within_s", "missed_ticks")}
-                    for name, r in redbeat.items()},
-        "settings": {k: getattr(SETTINGS, k) for k in keys},
+        "cases": {case: pick(r) for case, r in ours.items()},
+        "redbeat": {name: pick(r) for name, r in redbeat.items()},
+        "settings": SETTINGS.model_dump(include={"lease_ttl", "renew_interval",
+                                                 "acquire_interval", "crash_detection"}),
     }
     print("RESULT " + json.dumps(result, separators=(",", ":")))
 

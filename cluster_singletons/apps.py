@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from django.apps import AppConfig
 from django.core.signals import setting_changed
+from django.utils.module_loading import autodiscover_modules
 
 
 class ClusterSingletonsConfig(AppConfig):
@@ -10,8 +11,11 @@ class ClusterSingletonsConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        # Wiring only: checks register on import, the settings cache follows overrides.
-        from cluster_singletons import checks, conf
+        # Wiring only: checks register on import, the settings cache follows overrides,
+        # each app's `singletons` module declares its singletons, tasks carry the context.
+        from cluster_singletons import celery_context, checks, conf
 
         del checks
         setting_changed.connect(conf.reset_cache, dispatch_uid="cluster_singletons.conf")
+        autodiscover_modules("singletons")
+        celery_context.connect()

@@ -122,16 +122,25 @@ def renew(runner_id: int, terms: Iterable[Term], *, ttl: float, using: str) -> s
         return set(held.filter(expires_at__gt=Now()).values_list("name", flat=True))
 
 
-def release(runner_id: int, *, using: str, names: Iterable[str] | None = None) -> list[str]:
-    """Free the leases ``runner_id`` holds (all, or those in ``names``); return their names.
+def _same_terms(terms: list[Term]) -> Q:
+    return functools.reduce(operator.or_, (Q(name=t.name, epoch=t.epoch) for t in terms))
 
+
+def release(runner_id: int, *, using: str, terms: Iterable[Term] | None = None) -> list[str]:
+    """Free the leases ``runner_id`` holds (all, or only ``terms``); return their names.
+
+    - Only the named terms are released: a lease the runner has since taken again, at a
+      newer epoch, is kept.
     - The epoch is kept; the next acquisition raises it.
     - On PostgreSQL the release is announced on ``RELEASE_CHANNEL`` at commit, so standbys
       take over without waiting for their next poll.
     """
     mine = Lease.objects.using(using).filter(holder_id=runner_id)
-    if names is not None:
-        mine = mine.filter(name__in=list(names))
+    if terms is not None:
+        terms = list(terms)
+        if not terms:
+            return []
+        mine = mine.filter(_same_terms(terms))
     with transaction.atomic(using=using):
         released = list(mine.select_for_update().values_list("name", flat=True))
         if not released:

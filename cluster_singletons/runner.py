@@ -57,8 +57,9 @@ class Leadership:
         """False once the term ended or the runner is stopping."""
         return not self.stop_event.is_set()
 
-    def sleep(self, seconds: float) -> bool:
-        """Sleep, waking early when the term ends; return whether still running."""
+    def sleep(self, seconds: float | None) -> bool:
+        """Sleep (``None``: until the term ends), waking early when the term ends;
+        return whether still running."""
         return not self.stop_event.wait(seconds)
 
     def fenced(self) -> AbstractContextManager[None]:
@@ -121,6 +122,8 @@ class Runner:
         self._next_heartbeat = 0.0
         self._next_prune = 0.0
         self._next_liveness = float("inf")
+        #: Terms this runner stepped down from whose lease rows may still name it.
+        self._unreleased: list[Term] = []
 
     # -- hosting -----------------------------------------------------------------------
 
@@ -232,6 +235,8 @@ class Runner:
                 self._step_down(slot, "lease not renewed in time")
         if now >= self._next_heartbeat:
             self._heartbeat(now)
+        if self._unreleased and may_lead:
+            self._release_stepped_down(now)
         for slot in self._slots.values():
             if (
                 slot.term is None
@@ -367,8 +372,16 @@ class Runner:
             reason,
         )
         slot.stop_event.set()
+        self._unreleased.append(slot.term)
         slot.term, slot.restart_at = None, None
         slot.next_acquire = self.clock.monotonic() + self.settings.acquire_interval
+
+    def _release_stepped_down(self, now: float) -> None:
+        """Free the rows of terms this runner gave up, so no one waits for their expiry."""
+        assert self.runner_id is not None
+        with self._db("release", now):
+            leases.release(self.runner_id, using=self.using, terms=self._unreleased)
+            self._unreleased.clear()
 
     def _step_down_all(self, reason: str) -> None:
         for slot in self._slots.values():

@@ -180,3 +180,14 @@ def test_postgres_holder_without_liveness_lock_keeps_lease_until_expiry(lease: s
     holder, standby = _runner(), _runner()
     assert leases.acquire(lease, holder, ttl=TTL, using=USING)
     assert leases.acquire(lease, standby, ttl=TTL, using=USING, crash_detection=True) is None
+
+
+def test_release_of_a_past_term_keeps_a_newer_term_of_the_same_runner(lease: str) -> None:
+    me = _runner()
+    old = leases.acquire(lease, me, ttl=TTL, using=USING)
+    assert old is not None
+    _expire(lease)
+    new = leases.acquire(lease, me, ttl=TTL, using=USING)
+    assert new is not None and new.epoch == old.epoch + 1
+    assert leases.release(me, using=USING, terms=[old]) == []
+    assert leases.release(me, using=USING, terms=[new]) == [lease]

@@ -60,6 +60,7 @@ def test_leader_that_cannot_renew_stops_believing_before_the_lease_can_expire(
         raise OperationalError("server closed the connection unexpectedly")
 
     monkeypatch.setattr(leases, "renew", unreachable)
+    monkeypatch.setattr(leases, "release", unreachable)
     elapsed = 0.0
     while runner.leads("beat"):
         clock.advance(0.25)

@@ -12,3 +12,10 @@ class FencedWrite(models.Model):
 
     class Meta:
         indexes = [models.Index(fields=["lease", "epoch"])]
+
+
+class Document(models.Model):
+    """Rows the demo ``indexer`` singleton walks in batches."""
+
+    title = models.CharField(max_length=200)
+    indexed = models.BooleanField(default=False)

@@ -10,14 +10,16 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from cluster_singletons import singleton
 from cluster_singletons.runner import LeaderWork, Runner, idle
 
 
 class Command(BaseCommand):
     help = (
-        "Run a cluster node: register, lead what this node is elected for (the 'beat' lease), "
-        "stand by for the rest. SIGTERM or SIGINT hands leadership off and exits 0; exits 1 "
-        "if the database stays unreachable for CLUSTER_SINGLETONS['startup_timeout']."
+        "Run a cluster node: register, lead what this node is elected for (the 'beat' lease and "
+        "the singletons), stand by for the rest. SIGTERM or SIGINT hands leadership off and "
+        "exits 0; exits 1 if the database stays unreachable for "
+        "CLUSTER_SINGLETONS['startup_timeout']."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -31,7 +33,7 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        work: dict[str, LeaderWork] = {"beat": idle}
+        work: dict[str, LeaderWork] = {"beat": idle, **singleton.work()}
         for spec in options["lead"]:
             name, fn = _parse_lead(spec)
             work[name] = fn

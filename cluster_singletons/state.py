@@ -1,0 +1,241 @@
+"""Typed durable state: a ``StateStore`` over a pydantic model, stored as JSON in a table.
+
+Invariants:
+
+- ``load()`` of an absent key gives the model's defaults (version 0); nothing is written.
+- ``save()`` is compare-and-swap on ``version``: it succeeds only if the row is still at
+  the version this store last loaded or saved. Bound to a leadership term, it is also
+  fenced: a deposed leader's save raises ``LeadershipLost`` and writes nothing.
+- ``modify(fn)`` reads, applies ``fn`` and writes in one transaction.
+- A stored value that cannot be decoded is never overwritten or reset silently: the row
+  is marked quarantined (its value untouched, a copy kept in history) and
+  ``SingletonError(SchemaDecodeFailed)`` is raised until an operator resets or repairs it.
+- An older schema version is upgraded on load and persisted, the old value kept in history.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from typing import Generic, TypeVar
+
+from django.db import DatabaseError, IntegrityError, InterfaceError, transaction
+from django.db.models import F
+from django.db.models.functions import Now
+from pydantic import BaseModel
+
+from cluster_singletons import leases, schema
+from cluster_singletons.conf import get_settings
+from cluster_singletons.errors import SingletonConfigError, SingletonError, StateConflict
+from cluster_singletons.leases import Term
+from cluster_singletons.models import StateHistory, StateRecord
+
+M = TypeVar("M", bound=BaseModel)
+_DB_ERRORS = (DatabaseError, InterfaceError)
+
+
+class StateStore(Generic[M]):
+    """Typed state under one key; see the module docstring for the invariants."""
+
+    def __init__(
+        self,
+        key: str,
+        model: type[M],
+        *,
+        term: Term | None = None,
+        owner: str | None = None,
+        using: str | None = None,
+    ) -> None:
+        found = schema.problems(model)
+        if found:
+            raise SingletonConfigError(owner or key, "; ".join(found))
+        settings = get_settings()
+        self.key = settings.key_prefix + key
+        self.model = model
+        self.term = term
+        self.owner = owner or key
+        self.using = using or settings.database
+        self._ttl = settings.lease_ttl
+        #: The version this store last loaded or saved; 0 = absent; None = not loaded yet.
+        self.version: int | None = None
+
+    # -- reading -----------------------------------------------------------------------
+
+    def load(self) -> M:
+        """The stored value (upgraded if older), or the model's defaults when absent."""
+        try:
+            row = StateRecord.objects.using(self.using).filter(key=self.key).first()
+        except _DB_ERRORS as exc:
+            raise SingletonError("StateLoadFailed", self.owner, exc) from exc
+        if row is None:
+            self.version = 0
+            return self.model()
+        self._refuse_quarantined(row)
+        try:
+            value = self._upgrade(row)
+        except schema.DecodeError as exc:
+            self._quarantine(row, str(exc))
+            raise SingletonError("SchemaDecodeFailed", self.owner, str(exc)) from exc
+        self.version = row.version
+        return value
+
+    def _refuse_quarantined(self, row: StateRecord) -> None:
+        if row.status == StateRecord.Status.QUARANTINED:
+            raise SingletonError("SchemaDecodeFailed", self.owner, f"quarantined: {row.problem}")
+
+    def _upgrade(self, row: StateRecord) -> M:
+        """Decode ``row``; persist an upgrade (``row.version`` follows). Raises ``DecodeError``."""
+        decoded = schema.decode(self.model, row.value, row.schema_version)
+        value = decoded.value
+        assert isinstance(value, self.model)
+        if decoded.upgraded_from is not None:
+            self._persist_upgrade(row, value)
+        return value
+
+    def _quarantine(self, row: StateRecord, problem: str) -> None:
+        try:
+            with self._transaction():
+                marked = (
+                    StateRecord.objects.using(self.using)
+                    .filter(key=row.key, version=row.version, status=StateRecord.Status.OK)
+                    .update(status=StateRecord.Status.QUARANTINED, problem=problem)
+                )
+                if marked:
+                    self._keep(row, StateHistory.Reason.QUARANTINE, problem)
+        except _DB_ERRORS as exc:
+            raise SingletonError("StateLoadFailed", self.owner, exc) from exc
+
+    def _persist_upgrade(self, row: StateRecord, value: M) -> None:
+        note = f"upgraded from schema version {row.schema_version}"
+        try:
+            with self._transaction():
+                self._keep(row, StateHistory.Reason.UPGRADE, note)
+                self._write(value, expected=row.version)
+        except StateConflict as exc:
+            raise SingletonError("StateLoadFailed", self.owner, exc) from exc
+        except _DB_ERRORS as exc:
+            raise SingletonError("StateLoadFailed", self.owner, exc) from exc
+        row.version += 1
+
+    # -- writing -----------------------------------------------------------------------
+
+    def save(self, value: M) -> int:
+        """Store ``value`` if nothing changed since this store's last load; return the version."""
+        if not isinstance(value, self.model):
+            raise TypeError(
+                f"state {self.key!r} holds {self.model.__name__}, not {type(value).__name__}"
+            )
+        if self.version is None:
+            self.load()
+        assert self.version is not None
+        try:
+            with self._transaction():
+                self._write(value, expected=self.version)
+        except StateConflict as exc:
+            raise SingletonError("StatePersistFailed", self.owner, exc) from exc
+        except _DB_ERRORS as exc:
+            raise SingletonError("StatePersistFailed", self.owner, exc) from exc
+        self.version += 1
+        return self.version
+
+    def modify(self, fn: Callable[[M], M]) -> M:
+        """Apply ``fn`` to the current value and store the result, atomically."""
+        problem: str | None = None
+        try:
+            with self._transaction():
+                row = (
+                    StateRecord.objects.using(self.using)
+                    .select_for_update()
+                    .filter(key=self.key)
+                    .first()
+                )
+                if row is not None:
+                    self._refuse_quarantined(row)
+                try:
+                    current = self.model() if row is None else self._upgrade(row)
+                except schema.DecodeError as exc:
+                    problem = str(exc)  # quarantined below, outside this transaction
+                else:
+                    expected = 0 if row is None else row.version
+                    new = fn(current)
+                    if not isinstance(new, self.model):
+                        raise TypeError(f"modify() function must return {self.model.__name__}")
+                    self._write(new, expected=expected)
+        except StateConflict as exc:
+            raise SingletonError("StatePersistFailed", self.owner, exc) from exc
+        except _DB_ERRORS as exc:
+            raise SingletonError("StatePersistFailed", self.owner, exc) from exc
+        if problem is not None:
+            assert row is not None
+            self._quarantine(row, problem)
+            raise SingletonError("SchemaDecodeFailed", self.owner, problem)
+        self.version = expected + 1
+        return new
+
+    def reset(self, note: str = "") -> None:
+        """Delete the stored value (kept in history); the next load gives the defaults."""
+        with self._transaction():
+            rows = list(
+                StateRecord.objects.using(self.using).select_for_update().filter(key=self.key)
+            )
+            for row in rows:
+                self._keep(row, StateHistory.Reason.RESET, note)
+            StateRecord.objects.using(self.using).filter(key=self.key).delete()
+        self.version = 0
+
+    def _write(self, value: M, *, expected: int) -> None:
+        """Compare-and-swap write; raises ``StateConflict`` when the row moved on."""
+        text = value.model_dump_json()
+        version = schema.version_of(self.model)
+        epoch = self.term.epoch if self.term else None
+        records = StateRecord.objects.using(self.using)
+        if expected == 0:
+            try:
+                with transaction.atomic(using=self.using):
+                    records.create(
+                        key=self.key,
+                        value=text,
+                        schema_version=version,
+                        version=1,
+                        updated_epoch=epoch,
+                    )
+            except IntegrityError as exc:
+                raise StateConflict(self.key, expected) from exc
+            return
+        changed = records.filter(
+            key=self.key, version=expected, status=StateRecord.Status.OK
+        ).update(
+            value=text,
+            schema_version=version,
+            version=F("version") + 1,
+            updated_at=Now(),
+            updated_epoch=epoch,
+        )
+        if not changed:
+            raise StateConflict(self.key, expected)
+
+    def _keep(self, row: StateRecord, reason: str, note: str) -> None:
+        StateHistory.objects.using(self.using).create(
+            key=row.key,
+            value=row.value,
+            schema_version=row.schema_version,
+            version=row.version,
+            reason=reason,
+            note=note,
+        )
+
+    def _transaction(self) -> AbstractContextManager[None]:
+        if self.term is not None:
+            return leases.fenced(self.term, using=self.using, ttl=self._ttl)
+        return _atomic(self.using)
+
+
+@contextmanager
+def _atomic(using: str) -> Iterator[None]:
+    with transaction.atomic(using=using):
+        yield
+
+
+def state_store(key: str, model: type[M], *, using: str | None = None) -> StateStore[M]:
+    """A store usable outside singletons: compare-and-swap, not fenced."""
+    return StateStore(key, model, using=using)
