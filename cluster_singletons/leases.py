@@ -55,21 +55,39 @@ def ensure(names: Iterable[str], *, using: str) -> None:
     )
 
 
-def _holder_is_gone(using: str) -> RawSQL:
-    """True when the holder registered a liveness lock and no session holds it any more."""
-    lease, runner = Lease._meta.db_table, Runner._meta.db_table
+def runner_is_gone(runner: str) -> RawSQL:
+    """PostgreSQL: true when runner row alias ``runner`` registered a liveness lock that no
+    session holds any more, i.e. its process or connection died."""
     return RawSQL(
-        f"""EXISTS (
-            SELECT 1 FROM "{runner}" r
-            WHERE r.id = "{lease}".holder_id AND r.liveness_lock
-              AND NOT EXISTS (
+        f"""({runner}.liveness_lock AND NOT EXISTS (
                 SELECT 1 FROM pg_locks l
                 WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
                   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-                  AND l.classid = %s::oid AND l.objid = r.id::oid))""",
+                  AND l.classid = %s::oid AND l.objid = {runner}.id::oid))""",
         (LIVENESS_LOCK_NAMESPACE,),
         output_field=BooleanField(),
     )
+
+
+def _holder_is_gone() -> RawSQL:
+    lease, runner = Lease._meta.db_table, Runner._meta.db_table
+    gone = runner_is_gone("r")
+    return RawSQL(
+        f'EXISTS (SELECT 1 FROM "{runner}" r WHERE r.id = "{lease}".holder_id AND {gone.sql})',
+        gone.params,
+        output_field=BooleanField(),
+    )
+
+
+def _takeable(crash_detection: bool) -> Q:
+    free = Q(holder__isnull=True) | Q(expires_at__isnull=True) | Q(expires_at__lte=Now())
+    return free | Q(_holder_is_gone()) if crash_detection else free
+
+
+def takeable(names: Iterable[str], *, crash_detection: bool, using: str) -> set[str]:
+    """Which of ``names`` ``acquire`` could take now (a read; the answer may be stale)."""
+    found = Lease.objects.using(using).filter(_takeable(crash_detection), name__in=list(names))
+    return set(found.values_list("name", flat=True))
 
 
 def acquire(
@@ -83,13 +101,10 @@ def acquire(
     - ``crash_detection`` (PostgreSQL only) also takes leases whose holder's liveness lock
       is no longer held, i.e. whose process or connection died.
     """
-    takeable = Q(holder__isnull=True) | Q(expires_at__isnull=True) | Q(expires_at__lte=Now())
-    if crash_detection:
-        takeable |= Q(_holder_is_gone(using))
     with transaction.atomic(using=using):
         changed = (
             Lease.objects.using(using)
-            .filter(takeable, name=name)
+            .filter(_takeable(crash_detection), name=name)
             .update(
                 holder_id=runner_id,
                 epoch=F("epoch") + 1,

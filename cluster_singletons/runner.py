@@ -29,18 +29,21 @@ from typing import Literal
 
 from django.db import DatabaseError, InterfaceError, connections
 
-from cluster_singletons import leases, runners
+from cluster_singletons import leases, placement, runners
 from cluster_singletons.backoff import Backoff
 from cluster_singletons.clock import Clock, SystemClock
 from cluster_singletons.conf import ClusterSettings, get_settings
 from cluster_singletons.errors import DatabaseUnavailable, LeadershipLost, describe
 from cluster_singletons.leases import Term
 from cluster_singletons.liveness import Liveness
+from cluster_singletons.placement import View
 
 logger = logging.getLogger("cluster_singletons.runner")
 
 _DB_ERRORS = (DatabaseError, InterfaceError)
 _PRUNE_EVERY = 60.0
+#: Renewal intervals a runner leaves a lease it handed off alone, for the target to take it.
+_HANDOFF_COOLDOWN = 4
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -100,7 +103,10 @@ class Runner:
         kind: str = "runcluster",
         settings: ClusterSettings | None = None,
         clock: Clock | None = None,
+        placement_prefix: str | None = None,
     ) -> None:
+        """``work``: leader work per lease name. Leases named ``placement_prefix…`` are
+        spread over the live runners (see ``placement``); the others go to whoever is first."""
         self.settings = settings or get_settings()
         self.kind = kind
         self.clock: Clock = clock or SystemClock()
@@ -109,6 +115,9 @@ class Runner:
         self._slots = {
             prefix + name: _Slot(name=prefix + name, work=fn) for name, fn in work.items()
         }
+        self._placed_prefix = None if placement_prefix is None else prefix + placement_prefix
+        self._placed_total = sum(1 for name in self._slots if self._is_placed(name))
+        self._view: View | None = None
         self.runner_id: int | None = None
         self.error: BaseException | None = None
         self._stopping = threading.Event()
@@ -237,15 +246,15 @@ class Runner:
             self._heartbeat(now)
         if self._unreleased and may_lead:
             self._release_stepped_down(now)
+        due = [
+            slot
+            for slot in self._slots.values()
+            if slot.term is None and now >= slot.next_acquire and not _alive(slot.thread)
+        ]
+        if due and may_lead:
+            self._acquire_due(due, now)
         for slot in self._slots.values():
-            if (
-                slot.term is None
-                and may_lead
-                and now >= slot.next_acquire
-                and not _alive(slot.thread)
-            ):
-                self._try_acquire(slot, now)
-            elif slot.term and slot.restart_at is not None and now >= slot.restart_at:
+            if slot.term and slot.restart_at is not None and now >= slot.restart_at:
                 self._start_work(slot)
         if now >= self._next_prune:
             self._prune(now)
@@ -275,6 +284,16 @@ class Runner:
                     slot.believed_until = sent_at + self._belief_window
                 else:
                     self._step_down(slot, "renewal found the lease expired or taken")
+            if self._placed_prefix is not None:
+                self._view = View(
+                    held=runners.live_view(
+                        ttl=self.settings.lease_ttl,
+                        lease_prefix=self._placed_prefix,
+                        crash_detection=self._liveness is not None,
+                        using=self.using,
+                    )
+                )
+                self._rebalance(now)
             self._next_heartbeat = now + self.settings.renew_interval
         if attempt.failed:
             self._next_heartbeat = now + min(attempt.delay, self.settings.renew_interval)
@@ -283,6 +302,23 @@ class Runner:
     def _belief_window(self) -> float:
         ttl = self.settings.lease_ttl
         return ttl - min(1.0, ttl / 10)
+
+    def _acquire_due(self, due: list[_Slot], now: float) -> None:
+        """One read finds which due leases are takeable, so standing by costs one query per
+        poll, not one per lease; only those are tried."""
+        with self._db("poll", now) as attempt:
+            free = leases.takeable(
+                [slot.name for slot in due],
+                crash_detection=self._liveness is not None,
+                using=self.using,
+            )
+        for slot in due:
+            if attempt.failed:
+                slot.next_acquire = now + attempt.delay
+            elif slot.name in free and self._may_take(slot):
+                self._try_acquire(slot, now)
+            else:
+                slot.next_acquire = now + self._poll_interval(slot)
 
     def _try_acquire(self, slot: _Slot, now: float) -> None:
         assert self.runner_id is not None
@@ -295,8 +331,9 @@ class Runner:
                 using=self.using,
                 crash_detection=self._liveness is not None,
             )
-            slot.next_acquire = now + self.settings.acquire_interval
+            slot.next_acquire = now + self._poll_interval(slot)
             if term is not None:
+                self._count_placed(slot, +1)
                 slot.term, slot.believed_until, slot.crashes = (
                     term,
                     sent_at + self._belief_window,
@@ -306,6 +343,43 @@ class Runner:
                 self._start_work(slot)
         if attempt.failed:
             slot.next_acquire = now + attempt.delay
+
+    # -- placement ---------------------------------------------------------------------
+
+    def _is_placed(self, name: str) -> bool:
+        return self._placed_prefix is not None and name.startswith(self._placed_prefix)
+
+    def _may_take(self, slot: _Slot) -> bool:
+        if self._view is None or self.runner_id is None or not self._is_placed(slot.name):
+            return True
+        return placement.may_take(self.runner_id, self._view, self._placed_total)
+
+    def _poll_interval(self, slot: _Slot) -> float:
+        """Standbys poll less often the lower they rank for the lease, so the best-ranked
+        runner usually wins it and assignments follow the hash."""
+        interval = self.settings.acquire_interval
+        if self._view is None or self.runner_id is None or not self._is_placed(slot.name):
+            return interval
+        return interval * (1 + placement.rank_of(self.runner_id, slot.name, self._view))
+
+    def _count_placed(self, slot: _Slot, delta: int) -> None:
+        if self._view is not None and self.runner_id is not None and self._is_placed(slot.name):
+            held = dict(self._view.held)
+            held[self.runner_id] = held.get(self.runner_id, 0) + delta
+            self._view = View(held=held)
+
+    def _rebalance(self, now: float) -> None:
+        """Hand off one placed lease if this runner holds more than its fair share."""
+        assert self.runner_id is not None and self._view is not None
+        mine = [s.name for s in self._slots.values() if s.term and self._is_placed(s.name)]
+        proposal = placement.handoff(self.runner_id, mine, self._view, self._placed_total)
+        if proposal is None:
+            return
+        name, target = proposal
+        slot = self._slots[name]
+        self._step_down(slot, f"handing off to runner {target} to balance the cluster")
+        # Stay away long enough for the target to take it.
+        slot.next_acquire = now + _HANDOFF_COOLDOWN * self.settings.renew_interval
 
     def _start_work(self, slot: _Slot) -> None:
         assert slot.term is not None
@@ -372,16 +446,29 @@ class Runner:
             reason,
         )
         slot.stop_event.set()
+        self._count_placed(slot, -1)
         self._unreleased.append(slot.term)
         slot.term, slot.restart_at = None, None
         slot.next_acquire = self.clock.monotonic() + self.settings.acquire_interval
 
     def _release_stepped_down(self, now: float) -> None:
-        """Free the rows of terms this runner gave up, so no one waits for their expiry."""
+        """Free the rows of terms this runner gave up, once their work has ended, so no one
+        waits for their expiry."""
         assert self.runner_id is not None
+        done = [t for t in self._unreleased if not _alive(self._slots[t.name].thread)]
+        if not done:
+            return
         with self._db("release", now):
-            leases.release(self.runner_id, using=self.using, terms=self._unreleased)
-            self._unreleased.clear()
+            leases.release(self.runner_id, using=self.using, terms=done)
+            self._unreleased = [t for t in self._unreleased if t not in done]
+
+    def _below_share(self) -> bool:
+        if self._view is None or self.runner_id is None:
+            return True
+        share = placement.fair_share(
+            self._placed_total, len(set(self._view.held) | {self.runner_id})
+        )
+        return self._view.held.get(self.runner_id, 0) < share
 
     def _step_down_all(self, reason: str) -> None:
         for slot in self._slots.values():
@@ -454,10 +541,11 @@ class Runner:
         return self._liveness is not None
 
     def _on_release(self) -> None:
-        # A lease was released somewhere: standbys try at once instead of at their next poll.
+        # A lease was released somewhere: standbys try at once instead of at their next poll
+        # (for placed leases, only a runner below its fair share, the handoff's target).
         for slot in self._slots.values():
-            if slot.term is None:
-                slot.next_acquire = 0.0
+            if slot.term is None and (not self._is_placed(slot.name) or self._below_share()):
+                slot.next_acquire = min(slot.next_acquire, self.clock.monotonic())
         self._wake.set()
 
     def _close_liveness(self) -> None:

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import datetime as dt
 
+from django.db.models import Count, Q
 from django.db.models.functions import Now
 
+from cluster_singletons.leases import runner_is_gone
 from cluster_singletons.models import Runner
 
 
@@ -45,3 +47,22 @@ def forget_stale(*, older_than: float, using: str) -> int:
     cutoff = Now() - dt.timedelta(seconds=older_than)
     deleted, _ = Runner.objects.using(using).filter(last_seen__lt=cutoff).delete()
     return deleted
+
+
+def live_view(
+    *, ttl: float, lease_prefix: str, crash_detection: bool, using: str
+) -> dict[int, int]:
+    """Live runners (seen within ``ttl``, not stopping, not known dead) and how many
+    unexpired leases named ``lease_prefix…`` each holds."""
+    fresh = Runner.objects.using(using).filter(
+        last_seen__gt=Now() - dt.timedelta(seconds=ttl), stopping=False
+    )
+    if crash_detection:
+        fresh = fresh.exclude(runner_is_gone(f'"{Runner._meta.db_table}"'))
+    counted = fresh.annotate(
+        held=Count(
+            "leases",
+            filter=Q(leases__name__startswith=lease_prefix, leases__expires_at__gt=Now()),
+        )
+    )
+    return dict(counted.values_list("id", "held"))

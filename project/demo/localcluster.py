@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from django.db import connection
+from django.db.models.functions import Now
 
 from cluster_singletons.models import Lease, Runner
 
@@ -68,13 +69,20 @@ class Leader:
 class Cluster:
     """Starts nodes, reads who leads from the database, and stops every process it started."""
 
-    def __init__(self, tmp: Path, settings: dict[str, Any], lead: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        settings: dict[str, Any],
+        lead: list[str] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.tmp = tmp
         self.env = {
             **os.environ,
             "DATABASE_URL": database_url(),
             "CLUSTER_SINGLETONS_JSON": json.dumps(settings),
             "PYTHONUNBUFFERED": "1",
+            **(env or {}),
         }
         self.lead = lead or []
         self.nodes: list[Node] = []
@@ -102,7 +110,10 @@ class Cluster:
         return started
 
     def start_worker(self) -> Node:
-        """A Celery worker of the example project on the configured broker."""
+        """A Celery worker of the example project on the configured broker, once ready.
+
+        It purges the queue first: messages left by earlier runs are not this cluster's.
+        """
         log = self.tmp / f"worker{len(self.nodes)}.log"
         args = [
             sys.executable,
@@ -124,6 +135,7 @@ class Cluster:
             )
         node = Node(process, log)
         self.nodes.append(node)
+        poll("the worker to be ready", lambda: " ready." in node.text(), timeout=60)
         return node
 
     def leader(self, lease: str = "beat") -> Leader | None:
@@ -142,6 +154,16 @@ class Cluster:
             return found
 
         return poll(f"a leader of {lease!r}", probe, timeout=timeout, every=0.01)
+
+    def holders(self, prefix: str) -> dict[int, int]:
+        """Runner id -> number of unexpired leases named ``prefix…`` it holds."""
+        rows = Lease.objects.filter(
+            name__startswith=prefix, holder__isnull=False, expires_at__gt=Now()
+        ).values_list("holder_id", flat=True)
+        counts: dict[int, int] = {}
+        for holder in rows:
+            counts[holder] = counts.get(holder, 0) + 1
+        return counts
 
     def node(self, pid: int) -> Node:
         return next(node for node in self.nodes if node.pid == pid)

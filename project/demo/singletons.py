@@ -1,7 +1,12 @@
-"""The example project's singletons: a batch indexer and a rate aggregator."""
+"""The example project's singletons: a batch indexer and a rate aggregator.
+
+``CLUSTER_DEMO_SINGLETONS`` (comma-separated groups, default ``demo``) picks what this
+process declares; the tests use the probe groups of ``project.demo.probes``.
+"""
 
 from __future__ import annotations
 
+import os
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, Field
@@ -26,7 +31,9 @@ class IndexerState(BaseModel):
     processed: int = 0
 
 
-@singleton("indexer", state=IndexerState, interval=1.0)
+GROUPS = set(os.environ.get("CLUSTER_DEMO_SINGLETONS", "demo").split(","))
+
+
 def indexer(ctx: SingletonContext[IndexerState]) -> None:
     """Walk ``Document`` in id order, BATCH rows at a time, checkpointing the cursor."""
     ctx.step("seed", _seed_documents)
@@ -55,7 +62,6 @@ class RateState(BaseModel):
     per_minute: dict[str, int] = Field(default_factory=dict)
 
 
-@singleton("rates", state=RateState, interval=5.0)
 def rates(ctx: SingletonContext[RateState]) -> None:
     """Count fenced writes per minute (keeping the last hour) and report through a task."""
 
@@ -72,3 +78,12 @@ def rates(ctx: SingletonContext[RateState]) -> None:
 
     state = ctx.modify(add_new)
     ping.delay(f"rates total={sum(state.per_minute.values())}")
+
+
+if "demo" in GROUPS:
+    singleton("indexer", state=IndexerState, interval=1.0)(indexer)
+    singleton("rates", state=RateState, interval=5.0)(rates)
+if GROUPS - {"demo"}:
+    from project.demo import probes
+
+    probes.declare(GROUPS)

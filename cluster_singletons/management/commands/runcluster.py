@@ -37,7 +37,7 @@ class Command(BaseCommand):
         for spec in options["lead"]:
             name, fn = _parse_lead(spec)
             work[name] = fn
-        runner = Runner(work, kind="runcluster")
+        runner = Runner(work, kind="runcluster", placement_prefix=singleton.LEASE_PREFIX)
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
             runner.stop()

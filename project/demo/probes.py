@@ -1,0 +1,52 @@
+"""Singletons the multi-process tests run (``CLUSTER_DEMO_SINGLETONS=spread,stubborn,hooks``)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from pydantic import BaseModel
+
+from cluster_singletons.singleton import SingletonContext, singleton
+
+logger = logging.getLogger("project.demo.probes")
+SPREAD = 9
+
+
+def idle(ctx: SingletonContext[BaseModel]) -> None:
+    ctx.sleep(None)
+
+
+class Counter(BaseModel):
+    count: int = 0
+    epoch: int = 0
+
+
+def stubborn(ctx: SingletonContext[Counter]) -> None:
+    """Save a counter every 50 ms, ignoring ``ctx.running``: only fencing can stop it."""
+    while True:
+        ctx.save(Counter(count=ctx.state.count + 1, epoch=ctx.epoch))
+        time.sleep(0.05)
+
+
+def _hook(event: str) -> object:
+    return lambda ctx: logger.info("HOOK %s runner=%s epoch=%s", event, ctx.runner, ctx.epoch)
+
+
+def hooked(ctx: SingletonContext[BaseModel]) -> None:
+    logger.info("HOOK run runner=%s epoch=%s", ctx.runner, ctx.epoch)
+    ctx.sleep(None)
+
+
+def declare(groups: set[str]) -> None:
+    if "spread" in groups:
+        for i in range(SPREAD):
+            singleton(f"spread-{i}")(idle)
+    if "stubborn" in groups:
+        singleton("stubborn", state=Counter)(stubborn)
+    if "hooks" in groups:
+        singleton(
+            "hooks",
+            on_become_leader=_hook("become"),
+            on_lose_leadership=_hook("lose"),  # type: ignore[arg-type]
+        )(hooked)
