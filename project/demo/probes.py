@@ -1,8 +1,11 @@
-"""Singletons the multi-process tests run (``CLUSTER_DEMO_SINGLETONS=spread,stubborn,hooks``)."""
+"""Singletons the multi-process tests and benchmarks run
+(``CLUSTER_DEMO_SINGLETONS=spread,stubborn,hooks,many``; ``many`` declares
+``CLUSTER_DEMO_MANY`` idle singletons, 1,000 by default)."""
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 from pydantic import BaseModel
@@ -44,6 +47,9 @@ def declare(groups: set[str]) -> None:
             singleton(f"spread-{i}")(idle)
     if "stubborn" in groups:
         singleton("stubborn", state=Counter)(stubborn)
+    if "many" in groups:
+        for i in range(int(os.environ.get("CLUSTER_DEMO_MANY", "1000"))):
+            singleton(f"many-{i}")(idle)
     if "hooks" in groups:
         singleton(
             "hooks",
