@@ -81,9 +81,11 @@ def test_deposed_leaders_save_is_refused(clusters: list[Cluster], tmp_path: Path
     finally:
         os.kill(old.pid, signal.SIGCONT)
     node = cluster.node(old.pid)
+    # Usually the fence refuses the save. If the process was paused inside the save's
+    # transaction, PostgreSQL ended that session instead and the save failed with it.
     poll(
         "the old leader's save to be refused",
-        lambda: "fenced write refused" in node.text() or "idle-in-transaction" in node.text(),
+        lambda: "fenced write refused" in node.text() or "StatePersistFailed" in node.text(),
         timeout=10,
     )
     poll(
@@ -124,7 +126,12 @@ def test_nine_singletons_spread_three_each_and_survivors_take_all_after_a_kill(
     )
     took = time.monotonic() - sent
     assert took < BOUND + 2, f"{took:.2f}s\n{cluster.logs()}"
-    assert max(cluster.holders("singleton:spread-").values()) <= 5
+    # A survivor may briefly hold its share plus slack; it then hands the extra one off.
+    poll(
+        "the survivors to settle at 5 and 4",
+        lambda: sorted(cluster.holders("singleton:spread-").values()) == [4, 5],
+        timeout=15,
+    )
 
 
 def test_hooks_run_in_order_on_handoff(clusters: list[Cluster], tmp_path: Path) -> None:
@@ -171,3 +178,19 @@ def test_a_task_dispatched_by_a_singleton_sees_its_cluster_context(
         "is_leader": True,
         "epoch": leader.epoch,
     }
+
+
+@pytest.mark.broker
+def test_a_worker_started_with_cluster_hosts_singletons_and_hands_them_off(
+    clusters: list[Cluster], tmp_path: Path
+) -> None:
+    cluster = _cluster(clusters, tmp_path, "demo")
+    worker = cluster.start_worker("--cluster")
+    leader = cluster.wait_for_leader("singleton:indexer")
+    assert Runner.objects.get(pk=leader.runner_id).kind == "worker"
+    assert leader.pid == worker.pid
+    assert cluster.leader("beat") is None, "workers do not stand for the beat"
+    cluster.signal(worker.pid, signal.SIGTERM)
+    assert worker.process.wait(timeout=30) == 0
+    assert cluster.leader("singleton:indexer") is None, "released on warm shutdown"
+    assert not Runner.objects.filter(pk=leader.runner_id).exists()
