@@ -13,15 +13,23 @@ if TYPE_CHECKING:
     from cluster_singletons.clock import Clock, FrozenClock, SystemClock
     from cluster_singletons.conf import ClusterSettings, get_settings
     from cluster_singletons.errors import (
+        ClusterContextRequired,
         ClusterSingletonsError,
         DatabaseUnavailable,
         LeadershipLost,
+        SingletonConfigError,
+        SingletonError,
+        StateConflict,
+        UnknownSingleton,
     )
     from cluster_singletons.leases import Term
     from cluster_singletons.runner import Leadership, LeaderWork, Runner
+    from cluster_singletons.singletons import SingletonContext, singleton
+    from cluster_singletons.state import StateStore, state_store
 
 __all__ = [
     "Clock",
+    "ClusterContextRequired",
     "ClusterSettings",
     "ClusterSingletonsError",
     "DatabaseUnavailable",
@@ -30,9 +38,17 @@ __all__ = [
     "Leadership",
     "LeadershipLost",
     "Runner",
+    "SingletonConfigError",
+    "SingletonContext",
+    "SingletonError",
+    "StateConflict",
+    "StateStore",
     "SystemClock",
     "Term",
+    "UnknownSingleton",
     "get_settings",
+    "singleton",
+    "state_store",
 ]
 
 _WHERE = {
@@ -48,6 +64,15 @@ _WHERE = {
     "Leadership": "runner",
     "LeaderWork": "runner",
     "Runner": "runner",
+    "ClusterContextRequired": "errors",
+    "SingletonConfigError": "errors",
+    "SingletonError": "errors",
+    "StateConflict": "errors",
+    "UnknownSingleton": "errors",
+    "SingletonContext": "singletons",
+    "singleton": "singletons",
+    "StateStore": "state",
+    "state_store": "state",
 }
 
 

@@ -42,7 +42,7 @@ from cluster_singletons.models import StepRecord
 from cluster_singletons.runner import Leadership, LeaderWork
 from cluster_singletons.state import StateStore
 
-logger = logging.getLogger("cluster_singletons.singleton")
+logger = logging.getLogger("cluster_singletons.singletons")
 
 LEASE_PREFIX = "singleton:"
 M = TypeVar("M", bound=BaseModel)

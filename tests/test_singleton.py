@@ -12,11 +12,11 @@ import pytest
 from django.db.models.functions import Now
 from pydantic import BaseModel
 
-from cluster_singletons import context, leases, runners, singleton
+from cluster_singletons import context, leases, runners, singletons
 from cluster_singletons.errors import LeadershipLost, SingletonConfigError, SingletonError
 from cluster_singletons.models import Lease, StateRecord, StepRecord
 from cluster_singletons.runner import Leadership
-from cluster_singletons.singleton import SingletonContext, SingletonDriver
+from cluster_singletons.singletons import SingletonContext, SingletonDriver
 from project.demo.localcluster import poll
 
 pytestmark = [pytest.mark.db, pytest.mark.django_db(transaction=True)]
@@ -38,18 +38,18 @@ def declared() -> Iterator[list[str]]:
     names: list[str] = []
     yield names
     for name in names:
-        singleton.unregister(name)
+        singletons.unregister(name)
 
 
 def _declare(declared: list[str], name: str, **kwargs: Any) -> Callable[[Any], Any]:
     declared.append(name)
-    return singleton.singleton(name, **kwargs)
+    return singletons.singleton(name, **kwargs)
 
 
 class Term:
     """A real leadership term of a singleton, run in a thread until ended."""
 
-    def __init__(self, spec: singleton.SingletonSpec) -> None:
+    def __init__(self, spec: singletons.SingletonSpec) -> None:
         leases.ensure([spec.lease], using="default")
         runner = runners.register(host="t", pid=1, kind="runcluster", using="default")
         term = leases.acquire(spec.lease, runner, ttl=30, using="default")
@@ -78,7 +78,7 @@ def test_a_name_registered_twice_by_different_functions_is_refused(declared: lis
 
     with pytest.raises(SingletonConfigError, match="registered twice") as caught:
 
-        @singleton.singleton("twice")
+        @singletons.singleton("twice")
         def second(ctx: Any) -> None: ...
 
     assert "'twice'" in str(caught.value) and "first" in str(caught.value)
@@ -86,11 +86,11 @@ def test_a_name_registered_twice_by_different_functions_is_refused(declared: lis
 
 def test_a_state_that_is_not_a_pydantic_model_is_refused_naming_the_singleton() -> None:
     with pytest.raises(SingletonConfigError, match=r"'reports'.*pydantic"):
-        singleton.singleton("reports", state=dict)  # type: ignore[arg-type]
+        singletons.singleton("reports", state=dict)  # type: ignore[arg-type]
 
 
 def test_app_singletons_modules_are_discovered() -> None:
-    assert {"indexer", "rates"} <= set(singleton.registered())
+    assert {"indexer", "rates"} <= set(singletons.registered())
 
 
 def test_hooks_run_in_order_around_the_function(declared: list[str]) -> None:
@@ -108,7 +108,7 @@ def test_hooks_run_in_order_around_the_function(declared: list[str]) -> None:
             pass
         events.append("stopped")
 
-    term = Term(singleton.get("hooks"))
+    term = Term(singletons.get("hooks"))
     poll("the function to run", lambda: "run" in events, timeout=10)
     term.end()
     assert events == ["become 1", "run", "stopped", "lose 1"]
@@ -124,7 +124,7 @@ def test_a_raising_function_is_retried_with_backoff_while_leading(declared: list
             raise RuntimeError("transient")
         ctx.sleep(10)
 
-    term = Term(singleton.get("flaky"))
+    term = Term(singletons.get("flaky"))
     poll("four calls", lambda: len(calls) == 4, timeout=10)
     term.end()
     assert term.error is None
@@ -141,7 +141,7 @@ def test_schema_decode_failure_stops_the_singleton_without_a_restart_loop(
     def run(ctx: SingletonContext[Count]) -> None:
         calls.append(ctx.state.n)
 
-    term = Term(singleton.get("bad"))
+    term = Term(singletons.get("bad"))
     poll(
         "the state to be quarantined",
         lambda: StateRecord.objects.get(key="singleton:bad").status == "quarantined",
@@ -160,7 +160,7 @@ def test_a_function_that_returns_is_called_again_after_its_interval(declared: li
         ctx.save(Count(n=ctx.state.n + 1))
         calls.append(ctx.state.n)
 
-    term = Term(singleton.get("periodic"))
+    term = Term(singletons.get("periodic"))
     poll("three iterations", lambda: len(calls) >= 3, timeout=10)
     term.end()
     assert calls[:3] == [1, 2, 3]
@@ -175,7 +175,7 @@ def test_async_singletons_run_and_see_the_cluster_context(declared: list[str]) -
         seen.append(context.current())
         ctx.sleep(10)
 
-    term = Term(singleton.get("async"))
+    term = Term(singletons.get("async"))
     poll("the coroutine", lambda: seen, timeout=10)
     term.end()
     assert seen[0].singleton == "async" and seen[0].is_leader and seen[0].epoch == 1
@@ -190,7 +190,7 @@ def test_state_saved_by_one_leader_is_what_the_next_leader_loads(declared: list[
         ctx.save(Count(n=ctx.state.n + 10))
         ctx.sleep(10)
 
-    spec = singleton.get("handover")
+    spec = singletons.get("handover")
     first = Term(spec)
     poll(
         "the first leader's save",
@@ -214,7 +214,7 @@ def test_a_finished_step_is_not_redone_by_the_next_leader(declared: list[str]) -
         results.append(ctx.step("charge", lambda: runs.append(ctx.epoch) or {"charged": ctx.epoch}))
         ctx.sleep(10)
 
-    spec = singleton.get("steps")
+    spec = singletons.get("steps")
     first = Term(spec)
     poll("the step", lambda: results, timeout=10)
     first.end()
@@ -240,7 +240,7 @@ def test_a_deposed_leader_cannot_record_a_step(declared: list[str]) -> None:
             outcome.append(exc)
             raise
 
-    term = Term(singleton.get("late"))
+    term = Term(singletons.get("late"))
     Lease.objects.filter(name="singleton:late").update(expires_at=Now() - dt.timedelta(seconds=1))
     go.set()
     term.thread.join(10)
@@ -259,7 +259,7 @@ def test_a_step_result_must_be_json(declared: list[str]) -> None:
             errors.append(exc)
         ctx.sleep(10)
 
-    term = Term(singleton.get("notjson"))
+    term = Term(singletons.get("notjson"))
     poll("the error", lambda: errors, timeout=10)
     term.end()
     assert "not JSON" in str(errors[0]) and not StepRecord.objects.exists()

@@ -109,7 +109,7 @@ class Cluster:
         )
         return started
 
-    def start_worker(self) -> Node:
+    def start_worker(self, *extra: str) -> Node:
         """A Celery worker of the example project on the configured broker, once ready.
 
         It purges the queue first: messages left by earlier runs are not this cluster's.
@@ -128,6 +128,8 @@ class Cluster:
             "1",
             "--without-gossip",
             "--without-mingle",
+            "--purge",
+            *extra,
         ]
         with log.open("wb") as out:
             process = subprocess.Popen(

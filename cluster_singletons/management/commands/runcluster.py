@@ -10,7 +10,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from cluster_singletons import singleton
+from cluster_singletons import singletons
 from cluster_singletons.runner import LeaderWork, Runner, idle
 
 
@@ -33,11 +33,11 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        work: dict[str, LeaderWork] = {"beat": idle, **singleton.work()}
+        work: dict[str, LeaderWork] = {"beat": idle, **singletons.work()}
         for spec in options["lead"]:
             name, fn = _parse_lead(spec)
             work[name] = fn
-        runner = Runner(work, kind="runcluster", placement_prefix=singleton.LEASE_PREFIX)
+        runner = Runner(work, kind="runcluster", placement_prefix=singletons.LEASE_PREFIX)
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
             runner.stop()
