@@ -49,7 +49,7 @@ def indexer(ctx: SingletonContext[IndexerState]) -> None:
         Document.objects.filter(id__in=ids).update(indexed=True)  # idempotent if redone
         ctx.save(IndexerState(cursor=ids[-1], processed=state.processed + len(ids)))
         ctx.heartbeat()
-        ctx.sleep(0.1)
+        ctx.sleep(float(os.environ.get("CLUSTER_DEMO_BATCH_PAUSE", "0.1")))
 
 
 def _seed_documents() -> int:

@@ -13,6 +13,7 @@ from typing import Any
 from django.core.management.base import BaseCommand
 
 from cluster_singletons.conf import get_settings
+from cluster_singletons.models import Lease, StateRecord
 from project.demo.localcluster import Cluster, Leader, poll
 from project.demo.models import FencedWrite
 from project.demo.tasks import ping
@@ -30,7 +31,13 @@ class Command(BaseCommand):
         settle: float = options["settle"]
         settings = get_settings()
         with tempfile.TemporaryDirectory(prefix="cluster-demo-") as tmp:
-            cluster = Cluster(Path(tmp), {}, lead=["probe=project.demo.work:fenced_probe"])
+            cluster = Cluster(
+                Path(tmp),
+                {},
+                lead=["probe=project.demo.work:fenced_probe"],
+                # Slow the indexer so its run spans the failovers the demo causes.
+                env={"CLUSTER_DEMO_BATCH_PAUSE": "3"},
+            )
             try:
                 self._run(cluster, settle, settings.lease_ttl)
             finally:
@@ -68,6 +75,15 @@ class Command(BaseCommand):
         poll("the worker to run the task", lambda: f"ping {note}" in worker.text(), timeout=60)
         say(f"the Celery worker ran demo.ping({note!r}) from the broker")
 
+        for lease in Lease.objects.filter(name__startswith="singleton:").order_by("name"):
+            state = StateRecord.objects.filter(key=lease.name).first()
+            say(
+                f"singleton {lease.name.removeprefix('singleton:')!r}: led by runner "
+                f"{lease.holder_id} at epoch {lease.epoch}; state v{state.version if state else 0} "
+                f"{state.value if state else '(defaults)'}"
+            )
+        indexer = StateRecord.objects.filter(key="singleton:indexer").first()
+
         writes = FencedWrite.objects.filter(lease="probe")
         late = sum(
             writes.filter(epoch=old.epoch, id__gt=first_of_next).count()
@@ -76,7 +92,8 @@ class Command(BaseCommand):
         say(
             f"SUMMARY takeover after SIGKILL {killed_after:.2f}s (TTL {ttl:g}s), handoff after "
             f"SIGTERM {handoff_after:.2f}s, epochs {first.epoch}->{second.epoch}->{third.epoch}, "
-            f"{writes.count()} fenced writes, {late} from deposed leaders after takeover"
+            f"{writes.count()} fenced writes, {late} from deposed leaders after takeover; "
+            f"indexer state {indexer.value if indexer else '(none)'} across the failovers"
         )
 
     @staticmethod
