@@ -42,8 +42,9 @@ logger = logging.getLogger("cluster_singletons.runner")
 
 _DB_ERRORS = (DatabaseError, InterfaceError)
 _PRUNE_EVERY = 60.0
-#: Renewal intervals a runner leaves a lease it handed off alone, for the target to take it.
-_HANDOFF_COOLDOWN = 4
+#: Renewal intervals a runner leaves a lease it handed off alone for the target to take it;
+#: if the target never does (it stopped meanwhile), the lease is orphaned no longer than this.
+_HANDOFF_COOLDOWN = 1
 
 
 @dataclass(frozen=True, kw_only=True)
