@@ -63,10 +63,8 @@ class StateStore(Generic[M]):
 
     def load(self) -> M:
         """The stored value (upgraded if older), or the model's defaults when absent."""
-        try:
+        with self._failing_as("StateLoadFailed"):
             row = StateRecord.objects.using(self.using).filter(key=self.key).first()
-        except _DB_ERRORS as exc:
-            raise SingletonError("StateLoadFailed", self.owner, exc) from exc
         if row is None:
             self.version = 0
             return self.model()
@@ -93,28 +91,20 @@ class StateStore(Generic[M]):
         return value
 
     def _quarantine(self, row: StateRecord, problem: str) -> None:
-        try:
-            with self._transaction():
-                marked = (
-                    StateRecord.objects.using(self.using)
-                    .filter(key=row.key, version=row.version, status=StateRecord.Status.OK)
-                    .update(status=StateRecord.Status.QUARANTINED, problem=problem)
-                )
-                if marked:
-                    self._keep(row, StateHistory.Reason.QUARANTINE, problem)
-        except _DB_ERRORS as exc:
-            raise SingletonError("StateLoadFailed", self.owner, exc) from exc
+        with self._failing_as("StateLoadFailed"), self._transaction():
+            marked = (
+                StateRecord.objects.using(self.using)
+                .filter(key=row.key, version=row.version, status=StateRecord.Status.OK)
+                .update(status=StateRecord.Status.QUARANTINED, problem=problem)
+            )
+            if marked:
+                self._keep(row, StateHistory.Reason.QUARANTINE, problem)
 
     def _persist_upgrade(self, row: StateRecord, value: M) -> None:
         note = f"upgraded from schema version {row.schema_version}"
-        try:
-            with self._transaction():
-                self._keep(row, StateHistory.Reason.UPGRADE, note)
-                self._write(value, expected=row.version)
-        except StateConflict as exc:
-            raise SingletonError("StateLoadFailed", self.owner, exc) from exc
-        except _DB_ERRORS as exc:
-            raise SingletonError("StateLoadFailed", self.owner, exc) from exc
+        with self._failing_as("StateLoadFailed"), self._transaction():
+            self._keep(row, StateHistory.Reason.UPGRADE, note)
+            self._write(value, expected=row.version)
         row.version += 1
 
     # -- writing -----------------------------------------------------------------------
@@ -128,43 +118,33 @@ class StateStore(Generic[M]):
         if self.version is None:
             self.load()
         assert self.version is not None
-        try:
-            with self._transaction():
-                self._write(value, expected=self.version)
-        except StateConflict as exc:
-            raise SingletonError("StatePersistFailed", self.owner, exc) from exc
-        except _DB_ERRORS as exc:
-            raise SingletonError("StatePersistFailed", self.owner, exc) from exc
+        with self._failing_as("StatePersistFailed"), self._transaction():
+            self._write(value, expected=self.version)
         self.version += 1
         return self.version
 
     def modify(self, fn: Callable[[M], M]) -> M:
         """Apply ``fn`` to the current value and store the result, atomically."""
         problem: str | None = None
-        try:
-            with self._transaction():
-                row = (
-                    StateRecord.objects.using(self.using)
-                    .select_for_update()
-                    .filter(key=self.key)
-                    .first()
-                )
-                if row is not None:
-                    self._refuse_quarantined(row)
-                try:
-                    current = self.model() if row is None else self._upgrade(row)
-                except schema.DecodeError as exc:
-                    problem = str(exc)  # quarantined below, outside this transaction
-                else:
-                    expected = 0 if row is None else row.version
-                    new = fn(current)
-                    if not isinstance(new, self.model):
-                        raise TypeError(f"modify() function must return {self.model.__name__}")
-                    self._write(new, expected=expected)
-        except StateConflict as exc:
-            raise SingletonError("StatePersistFailed", self.owner, exc) from exc
-        except _DB_ERRORS as exc:
-            raise SingletonError("StatePersistFailed", self.owner, exc) from exc
+        with self._failing_as("StatePersistFailed"), self._transaction():
+            row = (
+                StateRecord.objects.using(self.using)
+                .select_for_update()
+                .filter(key=self.key)
+                .first()
+            )
+            if row is not None:
+                self._refuse_quarantined(row)
+            try:
+                current = self.model() if row is None else self._upgrade(row)
+            except schema.DecodeError as exc:
+                problem = str(exc)  # quarantined below, outside this transaction
+            else:
+                expected = 0 if row is None else row.version
+                new = fn(current)
+                if not isinstance(new, self.model):
+                    raise TypeError(f"modify() function must return {self.model.__name__}")
+                self._write(new, expected=expected)
         if problem is not None:
             assert row is not None
             self._quarantine(row, problem)
@@ -213,6 +193,14 @@ class StateStore(Generic[M]):
         )
         if not changed:
             raise StateConflict(self.key, expected)
+
+    @contextmanager
+    def _failing_as(self, reason: str) -> Iterator[None]:
+        """Report a conflict or a database error as ``SingletonError(reason)``."""
+        try:
+            yield
+        except (StateConflict, *_DB_ERRORS) as exc:
+            raise SingletonError(reason, self.owner, exc) from exc
 
     def _keep(self, row: StateRecord, reason: str, note: str) -> None:
         StateHistory.objects.using(self.using).create(
