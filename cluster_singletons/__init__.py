@@ -13,39 +13,55 @@ if TYPE_CHECKING:
     from cluster_singletons.clock import Clock, FrozenClock, SystemClock
     from cluster_singletons.conf import ClusterSettings, get_settings
     from cluster_singletons.errors import (
+        ClockMovedBackwards,
         ClusterContextRequired,
         ClusterSingletonsError,
         DatabaseUnavailable,
+        InvalidSnowflake,
         LeadershipLost,
+        MachineIdsExhausted,
+        MachineIdUnavailable,
         SingletonConfigError,
         SingletonError,
+        SnowflakeTimeOutOfRange,
         StateConflict,
         UnknownSingleton,
     )
+    from cluster_singletons.fields import SnowflakeField
     from cluster_singletons.leases import Term
     from cluster_singletons.runner import Leadership, LeaderWork, Runner
     from cluster_singletons.singletons import SingletonContext, singleton
+    from cluster_singletons.snowflake import Snowflake, generate_id, generate_ids
     from cluster_singletons.state import StateStore, state_store
 
 __all__ = [
     "Clock",
+    "ClockMovedBackwards",
     "ClusterContextRequired",
     "ClusterSettings",
     "ClusterSingletonsError",
     "DatabaseUnavailable",
     "FrozenClock",
+    "InvalidSnowflake",
     "LeaderWork",
     "Leadership",
     "LeadershipLost",
+    "MachineIdUnavailable",
+    "MachineIdsExhausted",
     "Runner",
     "SingletonConfigError",
     "SingletonContext",
     "SingletonError",
+    "Snowflake",
+    "SnowflakeField",
+    "SnowflakeTimeOutOfRange",
     "StateConflict",
     "StateStore",
     "SystemClock",
     "Term",
     "UnknownSingleton",
+    "generate_id",
+    "generate_ids",
     "get_settings",
     "singleton",
     "state_store",
@@ -73,6 +89,15 @@ _WHERE = {
     "singleton": "singletons",
     "StateStore": "state",
     "state_store": "state",
+    "Snowflake": "snowflake",
+    "generate_id": "snowflake",
+    "generate_ids": "snowflake",
+    "SnowflakeField": "fields",
+    "ClockMovedBackwards": "errors",
+    "InvalidSnowflake": "errors",
+    "MachineIdUnavailable": "errors",
+    "MachineIdsExhausted": "errors",
+    "SnowflakeTimeOutOfRange": "errors",
 }
 
 

@@ -52,6 +52,30 @@ class ClusterSettings(BaseModel):
     runner_forget_after: float = Field(
         3600.0, gt=0, description="Registrations not seen for this long are deleted."
     )
+    snowflake_epoch_ms: int = Field(
+        1_577_836_800_000,
+        ge=0,
+        description=(
+            "Unix time in milliseconds that Snowflake timestamps count from (default "
+            "2020-01-01T00:00:00Z; ids last 69 years). Never change it once ids exist."
+        ),
+    )
+    machine_id_ttl: float = Field(
+        30.0,
+        gt=0,
+        description=(
+            "How long a process's Snowflake machine id lease lives without renewal; it is "
+            "renewed every third of this, and a crashed process's id is free after it."
+        ),
+    )
+    max_clock_rollback: float = Field(
+        1.0,
+        ge=0,
+        description=(
+            "A wall clock that steps back by at most this many seconds is waited out before "
+            "the next Snowflake id; a larger step raises ClockMovedBackwards."
+        ),
+    )
 
 
 def parse(raw: object) -> ClusterSettings:

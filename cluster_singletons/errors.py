@@ -113,3 +113,84 @@ class UnknownSingleton(ClusterSingletonsError, LookupError):
     def __init__(self, name: str, known: list[str]) -> None:
         self.name = name
         super().__init__(f"no singleton named {name!r}; known: {', '.join(known) or 'none'}")
+
+
+class MachineIdsExhausted(ClusterSingletonsError):
+    """No Snowflake machine id could be leased: all 1,024 are held by live processes."""
+
+    def __init__(self, database: str, ttl: float) -> None:
+        self.database = database
+        self.ttl = ttl
+        super().__init__(
+            f"no Snowflake machine id is free in database {database!r}: all 1024 are held by "
+            "live processes (each process holds one), or the free ones were last used with "
+            "timestamps ahead of this host's clock. Stop processes you do not need, wait up to "
+            f"{ttl:g}s for the ids of crashed processes to expire ('machine_id_ttl'), "
+            "or check this host's clock"
+        )
+
+
+class MachineIdUnavailable(ClusterSingletonsError):
+    """The database could not be asked for a Snowflake machine id."""
+
+    def __init__(self, database: str | None, cause: BaseException) -> None:
+        self.database = database
+        self.cause = cause
+        where = f"database {database!r}" if database else "the database"
+        hint = ""
+        if "locked" in str(cause):
+            hint = (
+                " On SQLite, generate this process's first id outside any transaction (at "
+                "startup, or in a session-scoped test fixture); later ids need no database."
+            )
+        super().__init__(
+            f"could not lease a Snowflake machine id from {where} ({_one_line(cause)}): "
+            "Snowflake ids need Django set up (settings configured, django.setup() called), "
+            "'cluster_singletons' in INSTALLED_APPS with its migrations applied "
+            "(python manage.py migrate), and the database reachable." + hint
+        )
+
+
+class ClockMovedBackwards(ClusterSingletonsError):
+    """The wall clock stepped back further than ``max_clock_rollback`` allows waiting out."""
+
+    def __init__(self, behind_ms: int, bound_ms: int) -> None:
+        self.behind_ms = behind_ms
+        self.bound_ms = bound_ms
+        super().__init__(
+            f"the wall clock is {behind_ms} ms behind the last Snowflake id this process "
+            f"issued, more than 'max_clock_rollback' ({bound_ms} ms) allows waiting out; no id "
+            "is issued until the clock catches up, since ids must never repeat or decrease. "
+            "Check the host's time synchronisation, raise 'max_clock_rollback', or restart the "
+            "process (a new process leases another machine id and can issue at once)"
+        )
+
+
+class SnowflakeTimeOutOfRange(ClusterSingletonsError, OverflowError):
+    """The wall clock lies outside the 41-bit millisecond range of the Snowflake epoch."""
+
+    def __init__(self, now_ms: int, epoch_ms: int) -> None:
+        self.now_ms = now_ms
+        self.epoch_ms = epoch_ms
+        if now_ms < epoch_ms:
+            what = (
+                f"the wall clock (Unix ms {now_ms}) is before 'snowflake_epoch_ms' "
+                f"({epoch_ms}): set the epoch to an instant in the past"
+            )
+        else:
+            what = (
+                f"41 bits of milliseconds since 'snowflake_epoch_ms' ({epoch_ms}) ran out at "
+                f"Unix ms {epoch_ms + 2**41 - 1}: no Snowflake id can be issued any more"
+            )
+        super().__init__(what)
+
+
+class InvalidSnowflake(ClusterSingletonsError, ValueError):
+    """A value that is not a Snowflake id (not a 63-bit non-negative integer)."""
+
+    def __init__(self, value: object) -> None:
+        self.value = value
+        super().__init__(
+            f"{value!r} is not a Snowflake id: expected a non-negative integer below 2**63, "
+            "or its decimal string"
+        )

@@ -117,3 +117,34 @@ class StepRecord(models.Model):
                 fields=["singleton", "run_key", "name"], name="cs_step_once_per_run"
             )
         ]
+
+
+class MachineId(models.Model):
+    """A Snowflake machine id (0-1023) leased to one process; ``holder`` names the lease.
+
+    Expiry is written by the database's clock. ``high_water_ms`` bounds the timestamps of
+    every id issued under this machine id so far, so the next holder starts after it.
+    """
+
+    id = models.PositiveSmallIntegerField(primary_key=True)
+    holder = models.CharField(
+        max_length=64, null=True, blank=True, help_text="Token of the holding process's lease."
+    )
+    host = models.CharField(max_length=255, blank=True, default="")
+    pid = models.IntegerField(null=True, blank=True)
+    acquired_at = models.DateTimeField(null=True, blank=True)
+    renewed_at = models.DateTimeField(null=True, blank=True)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    high_water_ms = models.BigIntegerField(
+        null=True,
+        blank=True,
+        help_text="Unix ms: no id issued under this machine id has a later timestamp.",
+    )
+
+    class Meta:
+        verbose_name = "Snowflake machine id"
+
+    def __str__(self) -> str:
+        if self.holder:
+            return f"machine id {self.id} ({self.host}:{self.pid})"
+        return f"machine id {self.id} (free)"
