@@ -192,7 +192,8 @@ def test_postgres_leader_that_loses_its_session_steps_down_and_a_standby_takes_o
     with connection.cursor() as cursor:
         cursor.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' "
-            "AND classid = %s::oid AND objid = %s::oid AND granted",
+            "AND classid = %s::oid AND objid = %s::oid AND granted "
+            "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
             [LIVENESS_LOCK_NAMESPACE, old.runner_id],
         )
         assert cursor.fetchall() == [(True,)]
