@@ -31,20 +31,16 @@ class DatabaseUnavailable(ClusterSingletonsError):
         self.waited = waited
         self.cause = cause
         super().__init__(
-            f"database unreachable for {waited:.1f}s (last error: {_one_line(cause)}); "
+            f"database unreachable for {waited:.1f}s (last error: {describe(cause)}); "
             "check DATABASES and that the server is up, or raise "
             "CLUSTER_SINGLETONS['startup_timeout']"
         )
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"
-
-
 def describe(exc: BaseException) -> str:
     """One line naming an exception, for logs that must not carry a traceback."""
-    return _one_line(exc)
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
 class SingletonConfigError(ClusterSingletonsError):
@@ -144,7 +140,7 @@ class MachineIdUnavailable(ClusterSingletonsError):
                 "startup, or in a session-scoped test fixture); later ids need no database."
             )
         super().__init__(
-            f"could not lease a Snowflake machine id from {where} ({_one_line(cause)}): "
+            f"could not lease a Snowflake machine id from {where} ({describe(cause)}): "
             "Snowflake ids need Django set up (settings configured, django.setup() called), "
             "'cluster_singletons' in INSTALLED_APPS with its migrations applied "
             "(python manage.py migrate), and the database reachable." + hint

@@ -17,7 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import operator
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -203,9 +203,3 @@ def fenced(term: Term, *, using: str, ttl: float) -> Iterator[None]:
         if not list(still_ours):
             raise LeadershipLost(term.name, term.runner_id, term.epoch)
         yield
-
-
-def holders(names: Iterable[str], *, using: str) -> Mapping[str, tuple[int | None, int]]:
-    """Current (holder id, epoch) per lease name, for reporting."""
-    rows = Lease.objects.using(using).filter(name__in=list(names))
-    return {row.name: (row.holder_id, row.epoch) for row in rows}

@@ -266,13 +266,13 @@ class Runner:
             + [s.restart_at for s in self._slots.values() if s.restart_at is not None]
         )
 
-    def _db(self, what: str, now: float) -> _DbAttempt:
-        return _DbAttempt(self, what, now)
+    def _db(self, what: str) -> _DbAttempt:
+        return _DbAttempt(self, what)
 
     def _heartbeat(self, now: float) -> None:
         assert self.runner_id is not None
         held = [s.term for s in self._slots.values() if s.term]
-        with self._db("renew", now) as attempt:
+        with self._db("renew") as attempt:
             sent_at = self.clock.monotonic()
             if not runners.touch(self.runner_id, using=self.using):
                 self._reregister()
@@ -307,7 +307,7 @@ class Runner:
     def _acquire_due(self, due: list[_Slot], now: float) -> None:
         """One read finds which due leases are takeable, so standing by costs one query per
         poll, not one per lease; only those are tried."""
-        with self._db("poll", now) as attempt:
+        with self._db("poll") as attempt:
             free = leases.takeable(
                 [slot.name for slot in due],
                 crash_detection=self._liveness is not None,
@@ -323,7 +323,7 @@ class Runner:
 
     def _try_acquire(self, slot: _Slot, now: float) -> None:
         assert self.runner_id is not None
-        with self._db("acquire", now) as attempt:
+        with self._db("acquire") as attempt:
             sent_at = self.clock.monotonic()
             term = leases.acquire(
                 slot.name,
@@ -459,7 +459,7 @@ class Runner:
         done = [t for t in self._unreleased if not _alive(self._slots[t.name].thread)]
         if not done:
             return
-        with self._db("release", now):
+        with self._db("release"):
             leases.release(self.runner_id, using=self.using, terms=done)
             self._unreleased = [t for t in self._unreleased if t not in done]
 
@@ -476,7 +476,7 @@ class Runner:
             self._step_down(slot, reason)
 
     def _prune(self, now: float) -> None:
-        with self._db("prune", now):
+        with self._db("prune"):
             forgotten = runners.forget_stale(
                 older_than=self.settings.runner_forget_after, using=self.using
             )
@@ -533,7 +533,7 @@ class Runner:
             return True
         if now < self._next_liveness:
             return False
-        with self._db("liveness", now) as attempt:
+        with self._db("liveness") as attempt:
             self._start_liveness()
             self._next_liveness = float("inf")
             logger.info("runner %s: liveness session restored", self.runner_id)
@@ -562,7 +562,7 @@ class Runner:
         logger.info("runner %s stopping: ending leader work and releasing leases", self.runner_id)
         for slot in self._slots.values():
             slot.stop_event.set()
-        with self._db("mark stopping", self.clock.monotonic()):
+        with self._db("mark stopping"):
             runners.mark_stopping(self.runner_id, using=self.using)
         deadline = self.clock.monotonic() + self.settings.shutdown_timeout
         for slot in self._slots.values():
@@ -602,8 +602,8 @@ class Runner:
 class _DbAttempt:
     """Context manager: a database error is logged in one line and paced by backoff."""
 
-    def __init__(self, runner: Runner, what: str, now: float) -> None:
-        self.runner, self.what, self.now = runner, what, now
+    def __init__(self, runner: Runner, what: str) -> None:
+        self.runner, self.what = runner, what
         self.failed = False
         self.delay = 0.0
 
