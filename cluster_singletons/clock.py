@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 
@@ -20,6 +21,10 @@ class Clock(Protocol):
         """Block until ``event`` is set or ``timeout`` seconds pass; return whether it is set."""
         ...
 
+    def now(self) -> datetime:
+        """The wall-clock time (aware, UTC): when scheduled ticks are due on this node."""
+        ...
+
 
 class SystemClock:
     """The real clock."""
@@ -30,13 +35,23 @@ class SystemClock:
     def wait(self, event: threading.Event, timeout: float) -> bool:
         return event.wait(max(timeout, 0.0))
 
+    def now(self) -> datetime:
+        return datetime.now(UTC)
+
 
 class FrozenClock:
     """A clock that moves only when told to; ``wait`` advances it instead of sleeping."""
 
-    def __init__(self, start: float = 1000.0) -> None:
-        self._now = start
+    def __init__(
+        self, start: float = 1000.0, *, wall: datetime = datetime(2026, 1, 1, tzinfo=UTC)
+    ) -> None:
+        self._start = self._now = start
+        self._wall = wall
         self._lock = threading.Lock()
+
+    def now(self) -> datetime:
+        with self._lock:
+            return self._wall + timedelta(seconds=self._now - self._start)
 
     def monotonic(self) -> float:
         with self._lock:

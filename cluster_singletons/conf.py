@@ -76,6 +76,36 @@ class ClusterSettings(BaseModel):
             "the next Snowflake id; a larger step raises ClockMovedBackwards."
         ),
     )
+    skip_if_older_than: float = Field(
+        3600.0,
+        ge=0,
+        description=(
+            "Beat catch-up: a missed tick older than this many seconds is recorded as skipped, "
+            "never run; newer missed ticks of a schedule run once, coalesced. Per schedule: "
+            "the 'skip_if_older_than' option."
+        ),
+    )
+    overlap: Literal["skip", "buffer_one", "allow_all"] = Field(
+        "skip",
+        description=(
+            "Beat overlap policy when a schedule's previous run has not finished: 'skip' "
+            "records the tick as skipped, 'buffer_one' keeps one tick waiting, 'allow_all' "
+            "dispatches regardless. Per schedule: the 'overlap' option."
+        ),
+    )
+    overlap_timeout: float = Field(
+        3600.0,
+        gt=0,
+        description=(
+            "A dispatched run that has not reported finishing after this many seconds no "
+            "longer blocks its schedule (its worker may have died)."
+        ),
+    )
+    beat_refresh_interval: float = Field(
+        5.0,
+        gt=0,
+        description="How often the leading beat looks for changed schedules.",
+    )
 
 
 def parse(raw: object) -> ClusterSettings:

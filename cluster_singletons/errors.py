@@ -190,3 +190,27 @@ class InvalidSnowflake(ClusterSingletonsError, ValueError):
             f"{value!r} is not a Snowflake id: expected a non-negative integer below 2**63, "
             "or its decimal string"
         )
+
+
+class ScheduleInvalid(ClusterSingletonsError, ValueError):
+    """A schedule cannot be computed (bad cron expression, unknown zone or task, ...).
+
+    The beat flags that one schedule and keeps running every other.
+    """
+
+
+class UnknownSchedule(ClusterSingletonsError, LookupError):
+    """No schedule has this name."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(f"no schedule named {name!r} (see `python manage.py cron_preview --list`)")
+
+
+class DeliveryNotCancellable(ClusterSingletonsError):
+    """A delayed delivery was already dispatched or cancelled."""
+
+    def __init__(self, delivery_id: int, status: str) -> None:
+        self.delivery_id = delivery_id
+        self.status = status
+        super().__init__(f"delivery {delivery_id} is {status}; only pending ones can be cancelled")

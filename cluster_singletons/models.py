@@ -148,3 +148,117 @@ class MachineId(models.Model):
         if self.holder:
             return f"machine id {self.id} ({self.host}:{self.pid})"
         return f"machine id {self.id} (free)"
+
+
+class Run(models.Model):
+    """One entry of the run ledger: a tick of a schedule, dispatched once, or skipped.
+
+    ``(schedule, tick)`` is unique: that constraint is what makes a tick dispatch at most
+    once across leaders. A row is inserted fenced on the beat's epoch with its dispatch
+    intent (``pending``); the task is published after commit and the row marked
+    ``published``; a new leader re-publishes ``pending`` rows with the same ``task_id``.
+    A row can stand for several ticks (``first_tick`` .. ``tick``, ``ticks`` of them) when
+    missed ticks were coalesced into one run or skipped together.
+    """
+
+    class Kind(models.TextChoices):
+        SCHEDULED = "scheduled", "scheduled"
+        MANUAL = "manual", "run now"
+        BACKFILL = "backfill", "backfill"
+        DELIVERY = "delivery", "delayed delivery"
+
+    class Status(models.TextChoices):
+        PENDING = "pending", "pending (not yet published)"
+        PUBLISHED = "published", "published"
+        STARTED = "started", "started"
+        SUCCEEDED = "succeeded", "succeeded"
+        FAILED = "failed", "failed"
+        SKIPPED = "skipped", "skipped"
+        ERROR = "error", "schedule error"
+
+    FINISHED = (Status.SUCCEEDED, Status.FAILED, Status.SKIPPED, Status.ERROR)
+
+    id = models.BigAutoField(primary_key=True)
+    schedule = models.CharField(max_length=200)
+    tick = models.DateTimeField()
+    first_tick = models.DateTimeField(null=True, blank=True)
+    ticks = models.PositiveIntegerField(default=1)
+    kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.SCHEDULED)
+    status = models.CharField(max_length=16, choices=Status.choices)
+    reason = models.TextField(blank=True, default="")
+    task = models.CharField(max_length=255, blank=True, default="")
+    task_id = models.CharField(max_length=64, blank=True, default="")
+    message = models.TextField(blank=True, default="", help_text="args, kwargs and options (JSON).")
+    epoch = models.BigIntegerField(null=True, blank=True)
+    created_at = models.DateTimeField(db_default=Now())
+    published_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["schedule", "tick"], name="cs_run_once_per_tick")
+        ]
+        indexes = [
+            models.Index(
+                fields=["created_at"],
+                name="cs_run_pending",
+                condition=models.Q(status="pending"),
+            ),
+            models.Index(fields=["task_id"], name="cs_run_task_id"),
+            models.Index(fields=["created_at"], name="cs_run_created"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.schedule} @ {self.tick.isoformat()} ({self.status})"
+
+
+class ScheduleRecord(models.Model):
+    """What the beat keeps per schedule: the last tick it recorded, pause, overrides, problems."""
+
+    key = models.CharField(max_length=200, primary_key=True)
+    last_tick = models.DateTimeField(null=True, blank=True)
+    paused = models.BooleanField(default=False)
+    pause_note = models.TextField(blank=True, default="")
+    skip_if_older_than = models.FloatField(
+        null=True, blank=True, help_text="Seconds; empty: the setting's default."
+    )
+    overlap = models.CharField(
+        max_length=16,
+        blank=True,
+        default="",
+        choices=[("skip", "skip"), ("buffer_one", "buffer one"), ("allow_all", "allow all")],
+        help_text="Empty: the setting's default.",
+    )
+    problem = models.TextField(blank=True, default="", help_text="Why it cannot be scheduled.")
+    updated_at = models.DateTimeField(db_default=Now())
+
+    def __str__(self) -> str:
+        return f"schedule {self.key!r}"
+
+
+class Delivery(models.Model):
+    """A Celery task stored until it is due, then dispatched once by the leading beat."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending", "pending"
+        DISPATCHED = "dispatched", "dispatched"
+        CANCELLED = "cancelled", "cancelled"
+
+    id = models.BigIntegerField(primary_key=True, help_text="A Snowflake id.")
+    task = models.CharField(max_length=255)
+    message = models.TextField(help_text="args, kwargs and options (JSON).")
+    due_at = models.DateTimeField()
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
+    created_at = models.DateTimeField(db_default=Now())
+    done_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name_plural = "deliveries"
+        indexes = [
+            models.Index(
+                fields=["due_at"], name="cs_delivery_due", condition=models.Q(status="pending")
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"delivery {self.id} of {self.task} at {self.due_at.isoformat()} ({self.status})"

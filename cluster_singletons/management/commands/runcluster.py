@@ -8,10 +8,12 @@ import sys
 from types import FrameType
 from typing import Any
 
+from celery import current_app
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from cluster_singletons import singletons
-from cluster_singletons.runner import LeaderWork, Runner, idle
+from cluster_singletons.beat import cluster_work
+from cluster_singletons.runner import LeaderWork, Runner
 
 
 class Command(BaseCommand):
@@ -33,7 +35,7 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        work: dict[str, LeaderWork] = {"beat": idle, **singletons.work()}
+        work: dict[str, LeaderWork] = cluster_work(current_app)
         for spec in options["lead"]:
             name, fn = _parse_lead(spec)
             work[name] = fn

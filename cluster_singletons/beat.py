@@ -1,0 +1,82 @@
+"""The leader-elected beat: ``celery -A project beat -S cluster_singletons.beat:LeaderScheduler``.
+
+Safe to start on every node (and as ``celery worker -B -S ...``): each one is a runner
+standing for the ``beat`` lease and for the singletons; the one leading ``beat`` runs the
+engine (``engine.BeatEngine``), the others stand by at the cost of one read per poll.
+``runcluster`` runs the same engine through ``cluster_work``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery.beat import Scheduler
+
+from cluster_singletons import singletons
+from cluster_singletons.engine import BeatEngine
+from cluster_singletons.runner import Leadership, LeaderWork, Runner
+
+logger = logging.getLogger("cluster_singletons.beat")
+
+BEAT_LEASE = "beat"
+#: How often Celery's beat loop looks at the runner (the runner does the scheduling).
+_TICK = 1.0
+_RUNNER_KIND = "beat"
+
+
+def beat_work(app: Any) -> LeaderWork:
+    """Leader work for the ``beat`` lease: a fresh engine for every term."""
+
+    def lead(leadership: Leadership) -> None:
+        BeatEngine(app).run(leadership)
+
+    return lead
+
+
+def cluster_work(app: Any) -> dict[str, LeaderWork]:
+    """Everything a full node stands for: the beat and every registered singleton."""
+    return {BEAT_LEASE: beat_work(app), **singletons.work()}
+
+
+def start_runner(app: Any, kind: str) -> Runner:
+    runner = Runner(cluster_work(app), kind=kind, placement_prefix=singletons.LEASE_PREFIX)
+    runner.start()
+    return runner
+
+
+class LeaderScheduler(Scheduler):
+    """A Celery beat scheduler that only schedules while its process leads ``beat``.
+
+    The entries Celery's own ``Scheduler`` would keep in memory are not used: schedules
+    come from ``beat_schedule``, django-celery-beat's tables and ``@cron`` functions, and
+    every tick goes through the run ledger.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.runner: Runner | None = None
+        super().__init__(*args, **kwargs)
+
+    def setup_schedule(self) -> None:
+        if self.runner is None:
+            self.runner = start_runner(self.app, _RUNNER_KIND)
+
+    def tick(self, *args: Any, **kwargs: Any) -> float:
+        runner = self.runner
+        if runner is not None and runner.error is not None:
+            logger.error("cluster runner stopped (%s); exiting", runner.error)
+            raise SystemExit(1)
+        return min(_TICK, float(self.max_interval or _TICK))
+
+    def sync(self) -> None:
+        """Nothing to sync: the ledger is written as ticks are dispatched."""
+
+    def close(self) -> None:
+        runner, self.runner = self.runner, None
+        if runner is not None:
+            runner.stop()
+            runner.join(runner.settings.shutdown_timeout + 5)
+
+    @property
+    def info(self) -> str:
+        return "    . leader election: cluster_singletons (run this beat on every node)"

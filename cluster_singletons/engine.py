@@ -1,0 +1,537 @@
+"""The beat engine: what the leader of the ``beat`` lease runs.
+
+One pass (``step``) at wall-clock time ``now``:
+
+1. every ``beat_refresh_interval``: reread schedules whose source changed (and all of them
+   every minute, which catches bulk ``update()``s that send no signal); pauses;
+2. pop the schedules due by ``now`` from a heap and plan each: missed ticks older than
+   ``skip_if_older_than`` become one ``skipped`` row, the newer ones one run (coalesced);
+   a run whose predecessor has not finished follows the overlap policy;
+3. record the batch in the ledger in one transaction fenced on the beat's term;
+4. publish the recorded intents after commit, then mark them published; intents left
+   ``pending`` (a crash, the broker down, a manual run) are published again, same task id;
+5. dispatch delayed deliveries that are due, through the same ledger.
+
+The cost of a pass grows with the ticks due, not with the number of schedules: the heap
+holds each schedule's next due time; nothing scans all schedules except the refresh.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.apps import apps
+from django.db import connections
+from django.db.models import Count, F, Max
+from kombu.exceptions import OperationalError as BrokerError
+
+from cluster_singletons import context, deliveries, ledger
+from cluster_singletons.clock import Clock, SystemClock
+from cluster_singletons.conf import ClusterSettings, get_settings
+from cluster_singletons.errors import describe
+from cluster_singletons.leases import Term
+from cluster_singletons.models import Run, ScheduleRecord
+from cluster_singletons.runner import Leadership
+from cluster_singletons.schedules import Schedule, load_all
+from cluster_singletons.timetables import Every
+
+logger = logging.getLogger("cluster_singletons.beat")
+
+_FULL_REFRESH = 60.0
+_PENDING_POLL = 1.0
+_DELIVERY_POLL = 0.5
+_OVERLAP_RECHECK = 1.0
+_MAX_BATCH = 5000
+_COUNT_CAP = 100_000
+_EPSILON = timedelta(microseconds=1)
+_Range = tuple[datetime, datetime, int]
+_BROKER_ERRORS = (BrokerError, ConnectionError, OSError)
+
+
+@dataclass(kw_only=True)
+class _Entry:
+    schedule: Schedule
+    #: The last tick accounted for (recorded, skipped or paused through).
+    last_tick: datetime | None
+    #: The schedule's next tick not yet accounted for; None: no more ticks.
+    next_tick: datetime | None = None
+    #: When this schedule next needs attention (its next tick, or an overlap recheck).
+    due: datetime | None = None
+    #: The last run dispatched and not yet known to have finished.
+    open_run: int | None = None
+    open_since: datetime | None = None
+    #: buffer_one: the ticks (first, last, count) waiting for the open run to finish.
+    buffered: _Range | None = None
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Counters of one leader's engine, for benchmarks and metrics."""
+
+    recorded: int = 0
+    published: int = 0
+    skipped: int = 0
+    late: int = 0
+
+
+class BeatEngine:
+    """Schedules, the heap of due times, and the ledger writes of one leader term."""
+
+    def __init__(
+        self,
+        app: Any,
+        *,
+        settings: ClusterSettings | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        self.app = app
+        self.settings = settings or get_settings()
+        self.clock: Clock = clock or SystemClock()
+        self.using = self.settings.database
+        self._entries: dict[str, _Entry] = {}
+        self._heap: list[tuple[datetime, int, str]] = []
+        self._seq = 0
+        self._paused: set[str] = set()
+        self._signature: object = None
+        self._next_refresh = self._next_full = self._next_pending = self._next_delivery = (
+            self.clock.now()
+        )
+        self._upcoming: dict[int, datetime] = {}
+        self._executor: ThreadPoolExecutor | None = None
+        self.stats = Stats()
+        #: (published at, due at) of every published scheduled run, when measuring lateness.
+        self.lateness: list[float] | None = None
+
+    # -- hosting -----------------------------------------------------------------------
+
+    def run(self, leadership: Leadership) -> None:
+        """Leader work for the ``beat`` lease: load, then step until the term ends."""
+        self.start(leadership)
+        try:
+            while leadership.running:
+                wake = self.step(leadership)
+                delay = (wake - self.clock.now()).total_seconds()
+                if delay > 0:
+                    leadership.sleep(delay)
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=False, cancel_futures=True)
+                self._executor = None
+
+    def start(self, leadership: Leadership) -> None:
+        now = self.clock.now()
+        self._entries.clear()
+        self._heap.clear()
+        self._load(now, full=True, term=leadership.term)
+        self._open_runs(now)
+        self._republish(leadership)
+        logger.info(
+            "beat leader (epoch %s): %d schedules, next due %s",
+            leadership.term.epoch,
+            len(self._entries),
+            self._heap[0][0].isoformat() if self._heap else "never",
+        )
+
+    # -- one pass ----------------------------------------------------------------------
+
+    def step(self, leadership: Leadership) -> datetime:
+        """One pass at the clock's ``now``; returns when the next one is due."""
+        now = self.clock.now()
+        if now >= self._next_refresh:
+            self._load(now, full=now >= self._next_full, term=leadership.term)
+        due = self._pop_due(now)
+        if due:
+            self._dispatch_due(due, now, leadership)
+        if now >= self._next_pending:
+            self._republish(leadership)
+        if now >= self._next_delivery or (self._upcoming and min(self._upcoming.values()) <= now):
+            self._deliver(now, leadership)
+        wake = [self._next_refresh, self._next_pending, self._next_delivery]
+        if self._heap:
+            wake.append(self._heap[0][0])
+        if self._upcoming:
+            wake.append(min(self._upcoming.values()))
+        return min(wake)
+
+    def _pop_due(self, now: datetime) -> list[_Entry]:
+        due: list[_Entry] = []
+        while self._heap and self._heap[0][0] <= now and len(due) < _MAX_BATCH:
+            at, _, key = heapq.heappop(self._heap)
+            entry = self._entries.get(key)
+            if entry is not None and entry.due == at:
+                due.append(entry)
+        return due
+
+    def _push(self, entry: _Entry) -> None:
+        if entry.due is not None:
+            self._seq += 1
+            heapq.heappush(self._heap, (entry.due, self._seq, entry.schedule.key))
+
+    # -- planning ----------------------------------------------------------------------
+
+    def _dispatch_due(self, due: list[_Entry], now: datetime, leadership: Leadership) -> None:
+        open_ids = [e.open_run for e in due if e.open_run is not None]
+        done = ledger.finished(open_ids, using=self.using) if open_ids else set()
+        intents: list[ledger.Intent] = []
+        last_ticks: dict[str, datetime] = {}
+        for entry in due:
+            if entry.open_run is not None and (
+                entry.open_run in done
+                or (now - (entry.open_since or now)).total_seconds() > self.settings.overlap_timeout
+            ):
+                entry.open_run = entry.open_since = None
+            intents.extend(self._plan(entry, now))
+            if entry.last_tick is not None:
+                last_ticks[entry.schedule.key] = entry.last_tick
+        rows = ledger.record(
+            intents,
+            last_ticks=last_ticks,
+            term=leadership.term,
+            using=self.using,
+            ttl=self.settings.lease_ttl,
+        )
+        skipped = sum(1 for r in rows if r.status == Run.Status.SKIPPED)
+        self.stats = replace(
+            self.stats,
+            recorded=self.stats.recorded + len(rows),
+            skipped=self.stats.skipped + skipped,
+        )
+        pending = [r for r in rows if r.status == Run.Status.PENDING]
+        for run in pending:
+            opened = self._entries.get(run.schedule)
+            if opened is not None:
+                opened.open_run, opened.open_since = run.id, now
+        for entry in due:
+            self._push(entry)
+        self._publish(pending, leadership)
+
+    def _plan(self, entry: _Entry, now: datetime) -> list[ledger.Intent]:
+        """The rows for ``entry``'s ticks up to ``now``; advances its ticks and ``due``."""
+        schedule = entry.schedule
+        paused = schedule.key in self._paused
+        intents: list[ledger.Intent] = []
+        skip_after = self._skip_after(schedule)
+        horizon = now - timedelta(seconds=skip_after)
+        new: _Range | None = None
+        tick = entry.next_tick
+        if tick is not None and tick <= now:
+            if tick < horizon:
+                first, last, count = self._range(schedule, tick, horizon - _EPSILON)
+                if not paused:
+                    intents.append(
+                        ledger.Intent(
+                            schedule=schedule.key,
+                            tick=last,
+                            first_tick=first,
+                            ticks=count,
+                            status=Run.Status.SKIPPED,
+                            reason=f"missed: older than skip_if_older_than={skip_after:g}s",
+                        )
+                    )
+                entry.last_tick = last
+                tick = schedule.first_tick_after(last)
+            if tick is not None and tick <= now:
+                new = self._range(schedule, tick, now)
+                tick = schedule.first_tick_after(new[1])
+            entry.next_tick = tick
+        if entry.buffered is not None:
+            new = _merge(entry.buffered, new)
+            entry.buffered = None
+        entry.due = entry.next_tick
+        if new is None:
+            return intents
+        first, last, count = new
+        if paused:
+            entry.last_tick = last
+            return intents
+        if entry.open_run is not None:
+            policy = schedule.overlap or self.settings.overlap
+            if policy == "buffer_one":
+                entry.buffered = new
+                recheck = now + timedelta(seconds=_OVERLAP_RECHECK)
+                entry.due = recheck if entry.due is None else min(entry.due, recheck)
+                return intents
+            if policy == "skip":
+                intents.append(
+                    ledger.Intent(
+                        schedule=schedule.key,
+                        tick=last,
+                        first_tick=first if count > 1 else None,
+                        ticks=count,
+                        status=Run.Status.SKIPPED,
+                        reason=f"overlap: run {entry.open_run} has not finished",
+                    )
+                )
+                entry.last_tick = last
+                return intents
+        tick = now if schedule.from_previous else last
+        intents.append(
+            ledger.Intent(
+                schedule=schedule.key,
+                tick=tick,
+                first_tick=first if count > 1 else None,
+                ticks=count,
+                reason=f"coalesced {count} missed ticks" if count > 1 else "",
+                task=schedule.task,
+                args=schedule.args,
+                kwargs=dict(schedule.kwargs),
+                options=dict(schedule.options),
+            )
+        )
+        entry.last_tick = tick
+        if schedule.from_previous and isinstance(schedule.timetable, Every):
+            entry.next_tick = entry.due = tick + timedelta(seconds=schedule.timetable.seconds)
+        if schedule.one_off:
+            entry.next_tick = entry.due = None
+        return intents
+
+    @staticmethod
+    def _range(schedule: Schedule, first: datetime, until: datetime) -> _Range:
+        """(first, last, count) of ticks from ``first`` up to ``until``."""
+        timetable = schedule.timetable
+        if isinstance(timetable, Every) and schedule.expires is None:
+            steps = int((until - first).total_seconds() // timetable.seconds)
+            last = first + timedelta(seconds=steps * timetable.seconds)
+            return first, last, steps + 1
+        last, count = first, 1
+        while count < _COUNT_CAP:
+            following = schedule.first_tick_after(last)
+            if following is None or following > until:
+                break
+            last, count = following, count + 1
+        return first, last, count
+
+    def _skip_after(self, schedule: Schedule) -> float:
+        if schedule.skip_if_older_than is not None:
+            return schedule.skip_if_older_than
+        return self.settings.skip_if_older_than
+
+    # -- publishing --------------------------------------------------------------------
+
+    def _publish(self, runs: Iterable[Run], leadership: Leadership) -> None:
+        """Publish recorded intents while this term is believed; mark the sent ones."""
+        sent: list[int] = []
+        for run in runs:
+            if not leadership.running:
+                break  # deposed or stopping: the next leader publishes the rest
+            try:
+                self._send(run, leadership.term)
+            except _BROKER_ERRORS as exc:
+                logger.warning(
+                    "publishing %s for %s failed (%s); it stays pending and is retried",
+                    run.task_id,
+                    run.schedule,
+                    describe(exc),
+                )
+                self._next_pending = self.clock.now() + timedelta(
+                    seconds=self.settings.retry_backoff_max
+                )
+                break
+            sent.append(run.id)
+            if self.lateness is not None and run.kind == Run.Kind.SCHEDULED:
+                self.lateness.append((self.clock.now() - run.tick).total_seconds())
+        ledger.mark_published(sent, using=self.using)
+        self.stats = replace(self.stats, published=self.stats.published + len(sent))
+        self._after_publish([r for r in runs if r.id in set(sent)])
+
+    def _send(self, run: Run, term: Term) -> None:
+        fields = {
+            "runner": term.runner_id,
+            "is_leader": True,
+            "epoch": term.epoch,
+            "schedule": run.schedule,
+            "tick": run.tick.isoformat(),
+            "task_id": run.task_id,
+        }
+        entry = self._entries.get(run.schedule)
+        message = ledger.message(run)
+        with context.within_cluster(**fields):
+            if entry is not None and entry.schedule.fn is not None:
+                self._call(entry.schedule, run)
+                return
+            options = dict(message.get("options") or {})
+            self.app.send_task(
+                run.task,
+                args=message.get("args") or (),
+                kwargs=message.get("kwargs") or {},
+                task_id=run.task_id,
+                retry=True,
+                retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.5},
+                **options,
+            )
+
+    def _call(self, schedule: Schedule, run: Run) -> None:
+        """Run an in-runner ``@cron`` function in the leader's pool, reporting its end."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="cron")
+        ctx = context.get()
+        fn = schedule.fn
+        assert fn is not None
+
+        def call() -> None:
+            token = context.activate(ctx)
+            status = Run.Status.SUCCEEDED
+            try:
+                ledger.report(run.task_id, Run.Status.STARTED, using=self.using)
+                fn(run)
+            except Exception:
+                status = Run.Status.FAILED
+                logger.exception("cron %s failed for tick %s", schedule.key, run.tick.isoformat())
+            finally:
+                ledger.report(run.task_id, status, using=self.using)
+                context.deactivate(token)
+                connections.close_all()
+
+        self._executor.submit(call)
+
+    def _after_publish(self, runs: list[Run]) -> None:
+        """Keep django-celery-beat's bookkeeping true for its admin: last run, run count,
+        and one-off tasks disabled once run."""
+        names = [r.schedule.partition(":")[2] for r in runs if r.schedule.startswith("periodic:")]
+        if not names or not apps.is_installed("django_celery_beat"):
+            return
+        from django_celery_beat.models import PeriodicTask
+
+        tasks = PeriodicTask.objects.using(self.using).filter(name__in=names)
+        tasks.update(last_run_at=self.clock.now(), total_run_count=F("total_run_count") + 1)
+        one_off = [
+            n for n in names if (e := self._entries.get(f"periodic:{n}")) and e.schedule.one_off
+        ]
+        if one_off:
+            tasks.filter(name__in=one_off).update(enabled=False)
+
+    def _republish(self, leadership: Leadership) -> None:
+        """Publish intents left pending: by a crashed leader, a broker outage, a manual run."""
+        self._next_pending = self.clock.now() + timedelta(seconds=_PENDING_POLL)
+        runs = ledger.pending(using=self.using)
+        if runs:
+            logger.info("publishing %d pending intent(s) with their recorded task ids", len(runs))
+            self._publish(runs, leadership)
+
+    # -- delayed delivery --------------------------------------------------------------
+
+    def _deliver(self, now: datetime, leadership: Leadership) -> None:
+        if now >= self._next_delivery:
+            self._next_delivery = now + timedelta(seconds=_DELIVERY_POLL)
+            self._upcoming = deliveries.upcoming(
+                before=self._next_delivery, using=self.using, limit=_MAX_BATCH
+            )
+        ready = [i for i, at in self._upcoming.items() if at <= now]
+        if not ready:
+            return
+        for delivery_id in ready:
+            del self._upcoming[delivery_id]
+        rows = deliveries.claim(
+            ready, term=leadership.term, using=self.using, ttl=self.settings.lease_ttl
+        )
+        self._publish(rows, leadership)
+
+    # -- loading -----------------------------------------------------------------------
+
+    def _load(self, now: datetime, *, full: bool, term: Term) -> None:
+        self._next_refresh = now + timedelta(seconds=self.settings.beat_refresh_interval)
+        self._paused = set(
+            ScheduleRecord.objects.using(self.using)
+            .filter(paused=True)
+            .values_list("key", flat=True)
+        )
+        signature = self._source_signature()
+        if not full and signature == self._signature:
+            return
+        self._signature = signature
+        self._next_full = now + timedelta(seconds=_FULL_REFRESH)
+        found = load_all(self.app, using=self.using)
+        known = self._entries
+        new_keys = [k for k in found if k not in known]
+        records = self._records(new_keys) if new_keys else {}
+        problems = []
+        for key in [k for k in known if k not in found]:
+            del known[key]
+        for key, schedule in found.items():
+            entry = known.get(key)
+            if entry is not None and entry.schedule.fingerprint == schedule.fingerprint:
+                continue
+            if schedule.problem and (entry is None or entry.schedule.problem != schedule.problem):
+                problems.append(schedule)
+            last = entry.last_tick if entry is not None else records.get(key)
+            # Continue the chain from the ledger; a schedule new to it starts from its own
+            # record of its last run, else from when it was last edited, else from now.
+            start = last or schedule.last_run_at or schedule.changed_at or now
+            if entry is not None:
+                start = max(start, now)  # an edit takes effect from now
+            updated = _Entry(schedule=schedule, last_tick=last)
+            if entry is not None:
+                updated.open_run, updated.open_since = entry.open_run, entry.open_since
+            updated.next_tick = updated.due = schedule.first_tick_after(start)
+            known[key] = updated
+            self._push(updated)
+        if problems:
+            self._flag(problems, now, term)
+
+    def _source_signature(self) -> object:
+        if not apps.is_installed("django_celery_beat"):
+            return None
+        from django_celery_beat.models import PeriodicTask, PeriodicTasks
+
+        stats = PeriodicTask.objects.using(self.using).aggregate(
+            n=Count("id"), changed=Max("date_changed")
+        )
+        last = PeriodicTasks.objects.using(self.using).values_list("last_update", flat=True)
+        return stats["n"], stats["changed"], list(last)
+
+    def _records(self, keys: list[str]) -> dict[str, datetime | None]:
+        found: dict[str, datetime | None] = {}
+        for start in range(0, len(keys), 5000):
+            chunk = keys[start : start + 5000]
+            found.update(
+                ScheduleRecord.objects.using(self.using)
+                .filter(key__in=chunk)
+                .values_list("key", "last_tick")
+            )
+        return found
+
+    def _open_runs(self, now: datetime) -> None:
+        since = now - timedelta(seconds=self.settings.overlap_timeout)
+        rows = (
+            Run.objects.using(self.using)
+            .filter(created_at__gte=since)
+            .exclude(status__in=Run.FINISHED)
+            .order_by("id")
+            .values_list("id", "schedule", "created_at")
+        )
+        for run_id, key, created in rows:
+            entry = self._entries.get(key)
+            if entry is not None:
+                entry.open_run, entry.open_since = run_id, created
+
+    def _flag(self, schedules: list[Schedule], now: datetime, term: Term) -> None:
+        for schedule in schedules:
+            logger.error("schedule %s cannot run: %s", schedule.key, schedule.problem)
+        ScheduleRecord.objects.using(self.using).bulk_create(
+            [ScheduleRecord(key=s.key, problem=s.problem) for s in schedules],
+            update_conflicts=True,
+            unique_fields=["key"],
+            update_fields=["problem"],
+        )
+        ledger.record(
+            [
+                ledger.Intent(schedule=s.key, tick=now, status=Run.Status.ERROR, reason=s.problem)
+                for s in schedules
+            ],
+            last_ticks={},
+            term=term,
+            using=self.using,
+            ttl=self.settings.lease_ttl,
+        )
+
+
+def _merge(older: _Range, newer: _Range | None) -> _Range:
+    if newer is None:
+        return older
+    return older[0], newer[1], older[2] + newer[2]

@@ -1,0 +1,177 @@
+"""The run ledger: one row per (schedule, tick), written fenced, published after commit.
+
+Invariants:
+
+- A row is inserted only in a transaction fenced on the beat lease's term, together with
+  the schedule's new ``last_tick``; a deposed leader's batch commits nothing.
+- ``(schedule, tick)`` is unique, so a tick is recorded, and therefore dispatched, at most
+  once whoever leads; a clash (a backfill or run-now already took the tick) drops only the
+  clashing intent.
+- A ``pending`` row is an intent to publish. The task id is a pure function of the
+  schedule and tick, so a row re-published by the next leader carries the same id and a
+  consumer can tell a re-publication from a new run.
+- Workers report ``started`` / ``succeeded`` / ``failed`` (task signals), which is how the
+  overlap policy knows across machines whether a run has finished.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from django.db import IntegrityError, transaction
+from django.db.models.functions import Now
+
+from cluster_singletons import leases
+from cluster_singletons.leases import Term
+from cluster_singletons.models import Run, ScheduleRecord
+
+#: Task ids are uuid5(NAMESPACE, "<schedule>|<tick ISO>").
+NAMESPACE = uuid.UUID("5c3f4e1e-8f6b-4b7a-9a43-1b3c6a0d2e71")
+HEADER = "cluster_run"
+
+
+def task_id(schedule: str, tick: datetime) -> str:
+    """The deterministic task id of ``schedule``'s run for ``tick``."""
+    return str(uuid.uuid5(NAMESPACE, f"{schedule}|{tick.isoformat()}"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Intent:
+    """A row to record: a run to dispatch (``pending``) or a tick skipped or in error."""
+
+    schedule: str
+    tick: datetime
+    status: str = Run.Status.PENDING
+    kind: str = Run.Kind.SCHEDULED
+    first_tick: datetime | None = None
+    ticks: int = 1
+    reason: str = ""
+    task: str = ""
+    args: Sequence[Any] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def row(self, epoch: int | None) -> Run:
+        dispatches = self.status == Run.Status.PENDING
+        return Run(
+            schedule=self.schedule,
+            tick=self.tick,
+            first_tick=self.first_tick,
+            ticks=self.ticks,
+            kind=self.kind,
+            status=self.status,
+            reason=self.reason,
+            task=self.task,
+            task_id=task_id(self.schedule, self.tick) if dispatches else "",
+            message=json.dumps(
+                {"args": list(self.args), "kwargs": self.kwargs, "options": self.options},
+                default=str,
+            )
+            if dispatches
+            else "",
+            epoch=epoch,
+        )
+
+
+def record(
+    intents: Iterable[Intent],
+    *,
+    last_ticks: dict[str, datetime],
+    term: Term | None,
+    using: str,
+    ttl: float,
+) -> list[Run]:
+    """Insert ``intents`` and move each schedule's ``last_tick``, in one transaction fenced
+    on ``term`` (``None``: unfenced, for operator commands). Returns the rows inserted;
+    intents whose tick is already in the ledger are left out. Raises ``LeadershipLost``."""
+    epoch = term.epoch if term is not None else None
+    rows = [intent.row(epoch) for intent in intents]
+    fence = leases.fenced(term, using=using, ttl=ttl) if term else transaction.atomic(using=using)
+    with fence:
+        try:
+            with transaction.atomic(using=using):
+                created = Run.objects.using(using).bulk_create(rows)
+        except IntegrityError:
+            created = _insert_one_by_one(rows, using=using)
+        if last_ticks:
+            ScheduleRecord.objects.using(using).bulk_create(
+                [ScheduleRecord(key=key, last_tick=tick) for key, tick in last_ticks.items()],
+                update_conflicts=True,
+                unique_fields=["key"],
+                update_fields=["last_tick"],
+            )
+    return created
+
+
+def _insert_one_by_one(rows: list[Run], *, using: str) -> list[Run]:
+    created = []
+    for row in rows:
+        try:
+            with transaction.atomic(using=using):
+                row.save(using=using, force_insert=True)
+        except IntegrityError:
+            continue  # this tick is already in the ledger: it ran (or was skipped) once
+        created.append(row)
+    return created
+
+
+def message(run: Run) -> dict[str, Any]:
+    decoded: dict[str, Any] = json.loads(run.message or "{}")
+    return decoded
+
+
+def mark_published(ids: Sequence[int], *, using: str) -> None:
+    """``pending`` -> ``published`` (a worker may already have reported it started)."""
+    if ids:
+        Run.objects.using(using).filter(id__in=ids, status=Run.Status.PENDING).update(
+            status=Run.Status.PUBLISHED, published_at=Now()
+        )
+
+
+def pending(*, using: str, limit: int = 1000) -> list[Run]:
+    """Intents recorded but never marked published, oldest first."""
+    return list(
+        Run.objects.using(using)
+        .filter(status=Run.Status.PENDING)
+        .order_by("created_at", "id")[:limit]
+    )
+
+
+def finished(ids: Iterable[int], *, using: str) -> set[int]:
+    """Which of these runs have finished (or no longer exist)."""
+    wanted = set(ids)
+    if not wanted:
+        return set()
+    open_ = set(
+        Run.objects.using(using)
+        .filter(id__in=wanted)
+        .exclude(status__in=Run.FINISHED)
+        .values_list("id", flat=True)
+    )
+    return wanted - open_
+
+
+def report(task_id: str, status: str, *, using: str) -> int:
+    """A worker's report on the run with this task id; returns the rows changed."""
+    runs = Run.objects.using(using).filter(task_id=task_id)
+    if status == Run.Status.STARTED:
+        return runs.filter(status__in=[Run.Status.PENDING, Run.Status.PUBLISHED]).update(
+            status=status
+        )
+    return runs.exclude(status__in=Run.FINISHED).update(status=status, finished_at=Now())
+
+
+def prune(*, before: datetime, using: str) -> int:
+    """Delete rows created before ``before``, except intents still waiting to be published."""
+    deleted, _ = (
+        Run.objects.using(using)
+        .filter(created_at__lt=before)
+        .exclude(status=Run.Status.PENDING)
+        .delete()
+    )
+    return deleted

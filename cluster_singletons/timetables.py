@@ -1,0 +1,201 @@
+"""When a schedule's ticks fall: cron expressions, fixed intervals, one instant, solar events.
+
+A timetable answers one question, ``next_after(t)``: the first tick strictly after the
+aware instant ``t``, as an aware UTC datetime (``None``: no more ticks). Ticks are pure
+functions of the schedule, never of when a process happened to wake up, so every leader
+computes the same ticks and the run ledger can deduplicate them.
+
+Time zones and daylight saving time (one behaviour, for every zone):
+
+- Cron expressions are wall-clock times in the schedule's zone, iterated by ``croniter``
+  over naive local times.
+- A wall-clock time that occurs twice (the repeated hour when clocks go back) runs once,
+  at its first occurrence. An hourly job therefore runs 23 times that night, never twice
+  for one wall-clock time.
+- A wall-clock time that does not exist (the hour skipped when clocks go forward) runs at
+  the first instant after the gap (``02:30`` runs at ``03:00``); several such times
+  coalesce into that one run. Nothing is silently dropped.
+- Intervals are exact elapsed time (``every`` seconds from an anchor), unaffected by DST.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta, tzinfo
+from typing import Any, Protocol
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from cron_descriptor import get_description
+from croniter import croniter
+
+from cluster_singletons.errors import ScheduleInvalid
+
+#: Interval ticks are anchored here unless a schedule has a start time.
+UNIX_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+class Timetable(Protocol):
+    def next_after(self, after: datetime) -> datetime | None:
+        """The first tick strictly after ``after`` (aware), in UTC; ``None`` if none is left."""
+        ...
+
+    def describe(self) -> str:
+        """A human-readable description (``"Every 5 minutes"``)."""
+        ...
+
+
+def zone(name: str | None) -> tzinfo:
+    """The zone named ``name`` (``None``/empty: UTC); ``ScheduleInvalid`` if unknown."""
+    if not name or name == "UTC":
+        return UTC
+    try:
+        return ZoneInfo(str(name))
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise ScheduleInvalid(f"unknown time zone {name!r}") from exc
+
+
+@dataclass(frozen=True)
+class Cron:
+    """A five-field cron expression in a time zone."""
+
+    expression: str
+    tz: tzinfo = UTC
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.expression, str) or len(self.expression.split()) != 5:
+            raise ScheduleInvalid(
+                f"cron expression {self.expression!r} must have 5 fields "
+                "(minute hour day-of-month month day-of-week)"
+            )
+        if not croniter.is_valid(self.expression):
+            raise ScheduleInvalid(f"invalid cron expression {self.expression!r}")
+
+    def next_after(self, after: datetime) -> datetime | None:
+        local = after.astimezone(self.tz).replace(tzinfo=None)
+        # Start one wall-clock minute early: after a repeated hour the local time can be
+        # behind wall-clock ticks that are already in the past; the loop skips those.
+        walk = croniter(self.expression, local - timedelta(minutes=61))
+        for _ in range(100_000):
+            candidate = _to_utc(walk.get_next(datetime), self.tz)
+            if candidate > after:
+                return candidate
+        raise ScheduleInvalid(f"cron expression {self.expression!r} yields no next time")
+
+    def describe(self) -> str:
+        text = str(get_description(self.expression))
+        return text if self.tz is UTC else f"{text} ({self.tz})"
+
+
+@dataclass(frozen=True)
+class Every:
+    """Every ``seconds``, on a grid anchored at ``anchor`` (default: the Unix epoch)."""
+
+    seconds: float
+    anchor: datetime = UNIX_EPOCH
+
+    def __post_init__(self) -> None:
+        if not (self.seconds > 0 and math.isfinite(self.seconds)):
+            raise ScheduleInvalid(
+                f"interval must be a positive number of seconds, not {self.seconds!r}"
+            )
+
+    def next_after(self, after: datetime) -> datetime | None:
+        if after < self.anchor:
+            return self.anchor
+        elapsed = (after - self.anchor).total_seconds()
+        steps = math.floor(elapsed / self.seconds) + 1
+        tick = self.anchor + timedelta(seconds=steps * self.seconds)
+        while tick <= after:  # float rounding at large step counts
+            steps += 1
+            tick = self.anchor + timedelta(seconds=steps * self.seconds)
+        return tick.astimezone(UTC)
+
+    def describe(self) -> str:
+        seconds = self.seconds
+        for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+            if seconds >= size and seconds % size == 0:
+                count = int(seconds // size)
+                return f"Every {count} {unit}s" if count != 1 else f"Every {unit}"
+        return f"Every {seconds:g} seconds" if seconds != 1 else "Every second"
+
+
+@dataclass(frozen=True)
+class Once:
+    """One instant (django-celery-beat's clocked schedule)."""
+
+    at: datetime
+
+    def next_after(self, after: datetime) -> datetime | None:
+        return self.at.astimezone(UTC) if self.at > after else None
+
+    def describe(self) -> str:
+        return f"Once at {self.at.astimezone(UTC).isoformat()}"
+
+
+@dataclass(frozen=True)
+class Solar:
+    """A solar event at a place, computed by Celery's ``solar`` schedule (needs ``ephem``)."""
+
+    event: str
+    latitude: float
+    longitude: float
+
+    def __post_init__(self) -> None:
+        try:
+            self._schedule(datetime.now(UTC))
+        except ImportError as exc:
+            raise ScheduleInvalid("solar schedules need the 'ephem' package") from exc
+        except (ValueError, KeyError) as exc:
+            raise ScheduleInvalid(f"invalid solar schedule: {exc}") from exc
+
+    def _schedule(self, now: datetime) -> Any:
+        from celery.schedules import solar
+
+        maker: Any = solar
+        return maker(self.event, self.latitude, self.longitude, nowfun=lambda: now)
+
+    def next_after(self, after: datetime) -> datetime | None:
+        # Celery computes the next event after its "last run"; given `after` as that.
+        schedule = self._schedule(after)
+        remaining: timedelta = schedule.remaining_estimate(after)
+        tick: datetime = (after + remaining).astimezone(UTC).replace(microsecond=0)
+        return tick if tick > after else tick + timedelta(seconds=1)
+
+    def describe(self) -> str:
+        return f"At {self.event.replace('_', ' ')} ({self.latitude}, {self.longitude})"
+
+
+def preview(timetable: Timetable, count: int, *, after: datetime) -> list[datetime]:
+    """The next ``count`` ticks after ``after``."""
+    ticks: list[datetime] = []
+    cursor = after
+    while len(ticks) < count:
+        tick = timetable.next_after(cursor)
+        if tick is None:
+            break
+        ticks.append(tick)
+        cursor = tick
+    return ticks
+
+
+def _to_utc(wall: datetime, tz: tzinfo) -> datetime:
+    """The instant of the naive wall-clock time ``wall`` in ``tz``: its first occurrence if
+    repeated, the end of the gap if skipped."""
+    first = wall.replace(tzinfo=tz, fold=0).astimezone(UTC)
+    if first.astimezone(tz).replace(tzinfo=None) == wall:
+        return first
+    # Skipped: fold=0 reads it with the offset before the gap, fold=1 with the one after;
+    # the transition lies between the two instants. Find it to the second.
+    low = wall.replace(tzinfo=tz, fold=1).astimezone(UTC)
+    high = first
+    if low > high:
+        low, high = high, low
+    offset = low.astimezone(tz).utcoffset()
+    while (high - low) > timedelta(seconds=1):
+        mid = low + (high - low) / 2
+        if mid.astimezone(tz).utcoffset() == offset:
+            low = mid
+        else:
+            high = mid
+    return high.replace(microsecond=0)

@@ -1,0 +1,320 @@
+"""The beat engine driven with an injected clock against the real database and a real
+(in-memory kombu) broker: what the broker received is what is counted."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from celery import Celery
+from django.db.models.functions import Now
+from django_celery_beat.models import (
+    ClockedSchedule,
+    CrontabSchedule,
+    IntervalSchedule,
+    PeriodicTask,
+)
+
+from cluster_singletons import context, deliveries, leases, ledger, runners
+from cluster_singletons.clock import FrozenClock
+from cluster_singletons.conf import get_settings
+from cluster_singletons.engine import BeatEngine
+from cluster_singletons.errors import DeliveryNotCancellable, LeadershipLost
+from cluster_singletons.models import Delivery, Lease, Run, ScheduleRecord
+from cluster_singletons.runner import Leadership
+from cluster_singletons.snowflake import default_generator
+
+pytestmark = [pytest.mark.db, pytest.mark.django_db(transaction=True)]
+
+T0 = datetime(2026, 3, 2, 12, 0, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def app() -> Iterator[Celery]:
+    app = Celery("beat-test", broker="memory://", set_as_current=False)
+    app.conf.task_default_queue = "beat-test"
+
+    @app.task(name="t.tick", shared=False)
+    def tick(*args: Any, **kwargs: Any) -> None:
+        """A task the schedules name; never run here, only received."""
+
+    yield app
+    _drain(app)
+
+
+@pytest.fixture(autouse=True)
+def _give_back_machine_id() -> Iterator[None]:
+    """Deliveries take Snowflake ids: free the machine id before the test database goes."""
+    yield
+    default_generator().close()
+
+
+def _drain(app: Celery) -> list[dict[str, Any]]:
+    got = []
+    with app.connection_for_read() as conn:
+        queue = conn.SimpleQueue("beat-test")
+        while True:
+            try:
+                message = queue.get(block=False)
+            except queue.Empty:
+                break
+            got.append(message.headers)
+            message.ack()
+        queue.close()
+    return got
+
+
+class Leader:
+    """A real term of the ``beat`` lease and an engine driven by a frozen clock."""
+
+    def __init__(self, app: Celery, *, wall: datetime = T0, settings: Any = None) -> None:
+        leases.ensure(["beat"], using="default")
+        self.runner_id = runners.register(host="t", pid=1, kind="beat", using="default")
+        term = leases.acquire("beat", self.runner_id, ttl=30, using="default")
+        if term is None:  # a previous leader of this test: take over as a failover would
+            Lease.objects.filter(name="beat").update(expires_at=Now())
+            term = leases.acquire("beat", self.runner_id, ttl=30, using="default")
+        assert term is not None
+        self.stop = threading.Event()
+        self.leadership = Leadership(term=term, stop_event=self.stop, using="default", ttl=30)
+        self.clock = FrozenClock(wall=wall)
+        # No worker reports runs finished here: dispatch regardless unless a test says so.
+        settings = settings or get_settings().model_copy(update={"overlap": "allow_all"})
+        self.engine = BeatEngine(app, clock=self.clock, settings=settings)
+        self.engine.start(self.leadership)
+
+    def at(self, seconds: float) -> datetime:
+        """Advance to ``T0 + seconds`` and run a pass."""
+        self.clock.advance((T0 + timedelta(seconds=seconds) - self.clock.now()).total_seconds())
+        return self.engine.step(self.leadership)
+
+
+def _ticks(app: Celery) -> list[str]:
+    return sorted(h["cluster_context"]["tick"] for h in _drain(app))
+
+
+def _every(app: Celery, name: str, seconds: float, **options: Any) -> None:
+    entry = {"task": "t.tick", "schedule": seconds, "args": [name]}
+    if options:
+        entry["options"] = options
+    app.conf.beat_schedule = {**(app.conf.beat_schedule or {}), name: entry}
+
+
+def test_each_tick_is_published_once_with_its_deterministic_id(app: Celery) -> None:
+    _every(app, "ten", 10)
+    leader = Leader(app)
+    assert _drain(app) == []
+    for second in range(1, 61):
+        leader.at(second)
+    headers = _drain(app)
+    ticks = sorted(h["cluster_context"]["tick"] for h in headers)
+    assert ticks == [(T0 + timedelta(seconds=s)).isoformat() for s in range(10, 61, 10)]
+    for h in headers:
+        tick = datetime.fromisoformat(h["cluster_context"]["tick"])
+        assert h["id"] == ledger.task_id("beat:ten", tick)
+        assert h["cluster_context"]["schedule"] == "beat:ten"
+    assert Run.objects.filter(status=Run.Status.PUBLISHED).count() == 6
+
+
+def test_a_new_leader_continues_the_chain_and_republishes_pending_intents(app: Celery) -> None:
+    _every(app, "ten", 10)
+    first = Leader(app)
+    first.at(10)
+    assert _ticks(app) == [(T0 + timedelta(seconds=10)).isoformat()]
+    # The first leader recorded the tick for 20 s but died before publishing it.
+    first.stop.set()
+    first.at(20)
+    pending = Run.objects.get(status=Run.Status.PENDING)
+    assert pending.tick == T0 + timedelta(seconds=20)
+    assert _drain(app) == []
+
+    second = Leader(app, wall=T0 + timedelta(seconds=21))
+    headers = _drain(app)
+    assert [h["id"] for h in headers] == [pending.task_id], "re-published under the same id"
+    second.at(30)
+    assert _ticks(app) == [(T0 + timedelta(seconds=30)).isoformat()]
+    assert Run.objects.filter(schedule="beat:ten").count() == 3
+
+
+def test_a_deposed_leader_records_and_publishes_nothing(app: Celery) -> None:
+    _every(app, "ten", 10)
+    leader = Leader(app)
+    Lease.objects.filter(name="beat").update(epoch=leader.leadership.term.epoch + 1)
+    with pytest.raises(LeadershipLost):
+        leader.at(10)
+    assert Run.objects.count() == 0
+    assert _drain(app) == []
+
+
+def test_missed_ticks_older_than_the_horizon_are_skipped_newer_ones_run_once(
+    app: Celery,
+) -> None:
+    _every(app, "minute", 60, skip_if_older_than=600)
+    ScheduleRecord.objects.create(key="beat:minute", last_tick=T0 - timedelta(hours=2))
+    Leader(app).at(0)  # down for two hours: the first pass catches up
+    skipped = Run.objects.get(status=Run.Status.SKIPPED)
+    assert skipped.first_tick == T0 - timedelta(hours=2) + timedelta(minutes=1)
+    assert skipped.tick == T0 - timedelta(minutes=11)
+    assert skipped.ticks == 109
+    ran = Run.objects.get(status=Run.Status.PUBLISHED)
+    assert (ran.first_tick, ran.tick, ran.ticks) == (T0 - timedelta(minutes=10), T0, 11)
+    assert len(_drain(app)) == 1, "coalesced: one run for the ten recent ticks"
+
+
+def test_overlap_policies(app: Celery) -> None:
+    _every(app, "skip", 10, overlap="skip")
+    _every(app, "buffer", 10, overlap="buffer_one")
+    _every(app, "all", 10, overlap="allow_all")
+    leader = Leader(app)
+    leader.at(10)
+    leader.at(20)  # no run has finished: no worker reported
+    leader.at(30)
+    sent = _drain(app)
+    by = {
+        k: [h for h in sent if h["cluster_context"]["schedule"] == k]
+        for k in ("beat:skip", "beat:buffer", "beat:all")
+    }
+    assert (len(by["beat:skip"]), len(by["beat:buffer"]), len(by["beat:all"])) == (1, 1, 3)
+    assert Run.objects.filter(schedule="beat:skip", status=Run.Status.SKIPPED).count() == 2
+    # The worker reports the first runs finished: buffer_one dispatches what it held.
+    for h in by["beat:buffer"] + by["beat:skip"]:
+        ledger.report(h["id"], Run.Status.SUCCEEDED, using="default")
+    leader.at(31)
+    held = _drain(app)
+    assert [h["cluster_context"]["schedule"] for h in held] == ["beat:buffer"]
+    run = Run.objects.get(task_id=held[0]["id"])
+    assert (run.first_tick, run.tick, run.ticks) == (
+        T0 + timedelta(seconds=20),
+        T0 + timedelta(seconds=30),
+        2,
+    )
+    leader.at(40)
+    assert sorted(h["cluster_context"]["schedule"] for h in _drain(app)) == [
+        "beat:all",
+        "beat:skip",
+    ]
+
+
+def _periodic(name: str, **fields: Any) -> PeriodicTask:
+    fields.setdefault("task", "t.tick")
+    return PeriodicTask.objects.create(name=name, **fields)
+
+
+def test_periodic_tasks_run_and_their_bookkeeping_stays_true(app: Celery) -> None:
+    every = IntervalSchedule.objects.create(every=10, period=IntervalSchedule.SECONDS)
+    cron = CrontabSchedule.objects.create(minute="*", timezone="Europe/Berlin")
+    _periodic("ival", interval=every, start_time=T0, queue="beat-test", kwargs='{"a": 1}')
+    _periodic("cron", crontab=cron, queue="beat-test")
+    _periodic("once", interval=every, one_off=True, start_time=T0, queue="beat-test")
+    clocked = ClockedSchedule.objects.create(clocked_time=T0 + timedelta(seconds=25))
+    _periodic("clocked", clocked=clocked, one_off=True, queue="beat-test")
+    _periodic("expired", interval=every, expires=T0 + timedelta(seconds=15), start_time=T0)
+    PeriodicTask.objects.update(date_changed=T0)
+    leader = Leader(app)
+    for second in (10, 20, 30, 40, 50, 60):
+        leader.at(second)
+    schedules = [h["cluster_context"]["schedule"] for h in _drain(app)]
+    assert schedules.count("periodic:ival") == 6
+    assert schedules.count("periodic:cron") == 1
+    assert schedules.count("periodic:once") == 1
+    assert schedules.count("periodic:clocked") == 1
+    assert schedules.count("periodic:expired") == 1
+    ival = PeriodicTask.objects.get(name="ival")
+    assert ival.total_run_count == 6
+    assert ival.last_run_at is not None
+    assert not PeriodicTask.objects.get(name="once").enabled
+    run = Run.objects.filter(schedule="periodic:ival").first()
+    assert run is not None and json.loads(run.message)["kwargs"] == {"a": 1}
+
+
+def test_invalid_schedules_are_flagged_and_the_rest_keep_running(app: Celery) -> None:
+    every = IntervalSchedule.objects.create(every=10, period=IntervalSchedule.SECONDS)
+    bad_cron = CrontabSchedule.objects.create(minute="61")
+    _periodic("good", interval=every, queue="beat-test")
+    _periodic("bad-cron", crontab=bad_cron)
+    _periodic("bad-task", interval=every, task="no.such.task")
+    _periodic("bad-args", interval=every, args="[not json")
+    PeriodicTask.objects.update(date_changed=T0)
+    leader = Leader(app)
+    leader.at(10)
+    leader.at(20)
+    assert [h["cluster_context"]["schedule"] for h in _drain(app)] == ["periodic:good"] * 2
+    errors = dict(Run.objects.filter(status=Run.Status.ERROR).values_list("schedule", "reason"))
+    assert set(errors) == {"periodic:bad-cron", "periodic:bad-task", "periodic:bad-args"}
+    assert "invalid cron expression" in errors["periodic:bad-cron"]
+    assert "unknown task 'no.such.task'" in errors["periodic:bad-task"]
+    assert ScheduleRecord.objects.get(key="periodic:bad-args").problem.startswith("args")
+
+
+def test_edits_are_picked_up_live_even_bulk_updates(app: Celery, settings: Any) -> None:
+    every = IntervalSchedule.objects.create(every=10, period=IntervalSchedule.SECONDS)
+    task = _periodic("edited", interval=every, start_time=T0, queue="beat-test")
+    PeriodicTask.objects.update(date_changed=T0)
+    leader = Leader(app)
+    leader.at(10)
+    assert len(_drain(app)) == 1
+    # An edit through save() (signals): seen at the next refresh.
+    task.enabled = False
+    task.save()
+    leader.at(16)
+    leader.at(30)
+    assert _drain(app) == []
+    # A bulk update() sends no signal and leaves date_changed alone: seen at the full reread.
+    PeriodicTask.objects.filter(name="edited").update(enabled=True)
+    leader.at(100)
+    leader.at(110)
+    assert len(_drain(app)) >= 1
+
+
+def test_paused_schedules_run_nothing_and_do_not_catch_up_when_resumed(app: Celery) -> None:
+    _every(app, "ten", 10)
+    leader = Leader(app)
+    ScheduleRecord.objects.update_or_create(
+        key="beat:ten", defaults={"paused": True, "pause_note": "maintenance"}
+    )
+    leader.at(10)  # refresh sees the pause
+    for second in (20, 30, 40):
+        leader.at(second)
+    assert _drain(app) == []
+    ScheduleRecord.objects.filter(key="beat:ten").update(paused=False)
+    leader.at(50)
+    assert _ticks(app) == [(T0 + timedelta(seconds=50)).isoformat()]
+
+
+def test_delayed_delivery_is_dispatched_once_when_due_and_can_be_cancelled(app: Celery) -> None:
+    leader = Leader(app)
+    sig = app.signature("t.tick", args=("later",), queue="beat-test")
+    kept = deliveries.deliver_at(sig, T0 + timedelta(seconds=5))
+    dropped = deliveries.deliver_at(sig, T0 + timedelta(seconds=5))
+    deliveries.cancel(dropped)
+    with pytest.raises(DeliveryNotCancellable):
+        deliveries.cancel(dropped)
+    leader.at(4.9)
+    assert _drain(app) == []
+    leader.at(5)
+    got = _drain(app)
+    assert [h["cluster_context"]["schedule"] for h in got] == [f"delivery:{kept}"]
+    assert Delivery.objects.get(id=kept).status == Delivery.Status.DISPATCHED
+    assert Delivery.objects.get(id=dropped).status == Delivery.Status.CANCELLED
+    with pytest.raises(DeliveryNotCancellable):
+        deliveries.cancel(kept)
+    leader.at(10)
+    assert _drain(app) == []
+
+
+def test_context_of_a_dispatch_names_schedule_tick_and_epoch(app: Celery) -> None:
+    _every(app, "ten", 10)
+    leader = Leader(app)
+    leader.at(10)
+    (headers,) = _drain(app)
+    ctx = context.ClusterContext.from_header(headers["cluster_context"])
+    assert ctx is not None
+    assert (ctx.schedule, ctx.epoch, ctx.task_id) == (
+        "beat:ten",
+        leader.leadership.term.epoch,
+        headers["id"],
+    )
