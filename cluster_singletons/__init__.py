@@ -12,24 +12,29 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from cluster_singletons.clock import Clock, FrozenClock, SystemClock
     from cluster_singletons.conf import ClusterSettings, get_settings
+    from cluster_singletons.deliveries import deliver_at, deliver_in
     from cluster_singletons.errors import (
         ClockMovedBackwards,
         ClusterContextRequired,
         ClusterSingletonsError,
         DatabaseUnavailable,
+        DeliveryNotCancellable,
         InvalidSnowflake,
         LeadershipLost,
         MachineIdsExhausted,
         MachineIdUnavailable,
+        ScheduleInvalid,
         SingletonConfigError,
         SingletonError,
         SnowflakeTimeOutOfRange,
         StateConflict,
+        UnknownSchedule,
         UnknownSingleton,
     )
     from cluster_singletons.fields import SnowflakeField
     from cluster_singletons.leases import Term
     from cluster_singletons.runner import Leadership, LeaderWork, Runner
+    from cluster_singletons.schedules import cron
     from cluster_singletons.singletons import SingletonContext, singleton
     from cluster_singletons.snowflake import Snowflake, generate_id, generate_ids
     from cluster_singletons.state import StateStore, state_store
@@ -41,6 +46,7 @@ __all__ = [
     "ClusterSettings",
     "ClusterSingletonsError",
     "DatabaseUnavailable",
+    "DeliveryNotCancellable",
     "FrozenClock",
     "InvalidSnowflake",
     "LeaderWork",
@@ -49,6 +55,7 @@ __all__ = [
     "MachineIdUnavailable",
     "MachineIdsExhausted",
     "Runner",
+    "ScheduleInvalid",
     "SingletonConfigError",
     "SingletonContext",
     "SingletonError",
@@ -59,7 +66,11 @@ __all__ = [
     "StateStore",
     "SystemClock",
     "Term",
+    "UnknownSchedule",
     "UnknownSingleton",
+    "cron",
+    "deliver_at",
+    "deliver_in",
     "generate_id",
     "generate_ids",
     "get_settings",
@@ -98,6 +109,12 @@ _WHERE = {
     "MachineIdUnavailable": "errors",
     "MachineIdsExhausted": "errors",
     "SnowflakeTimeOutOfRange": "errors",
+    "ScheduleInvalid": "errors",
+    "UnknownSchedule": "errors",
+    "DeliveryNotCancellable": "errors",
+    "cron": "schedules",
+    "deliver_at": "deliveries",
+    "deliver_in": "deliveries",
 }
 
 

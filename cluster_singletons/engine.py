@@ -20,9 +20,8 @@ from __future__ import annotations
 
 import heapq
 import logging
-from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -70,16 +69,6 @@ class _Entry:
     buffered: _Range | None = None
 
 
-@dataclass(frozen=True)
-class Stats:
-    """Counters of one leader's engine, for benchmarks and metrics."""
-
-    recorded: int = 0
-    published: int = 0
-    skipped: int = 0
-    late: int = 0
-
-
 class BeatEngine:
     """Schedules, the heap of due times, and the ledger writes of one leader term."""
 
@@ -104,9 +93,6 @@ class BeatEngine:
         )
         self._upcoming: dict[int, datetime] = {}
         self._executor: ThreadPoolExecutor | None = None
-        self.stats = Stats()
-        #: (published at, due at) of every published scheduled run, when measuring lateness.
-        self.lateness: list[float] | None = None
 
     # -- hosting -----------------------------------------------------------------------
 
@@ -196,12 +182,6 @@ class BeatEngine:
             using=self.using,
             ttl=self.settings.lease_ttl,
         )
-        skipped = sum(1 for r in rows if r.status == Run.Status.SKIPPED)
-        self.stats = replace(
-            self.stats,
-            recorded=self.stats.recorded + len(rows),
-            skipped=self.stats.skipped + skipped,
-        )
         pending = [r for r in rows if r.status == Run.Status.PENDING]
         for run in pending:
             opened = self._entries.get(run.schedule)
@@ -224,16 +204,8 @@ class BeatEngine:
             if tick < horizon:
                 first, last, count = self._range(schedule, tick, horizon - _EPSILON)
                 if not paused:
-                    intents.append(
-                        ledger.Intent(
-                            schedule=schedule.key,
-                            tick=last,
-                            first_tick=first,
-                            ticks=count,
-                            status=Run.Status.SKIPPED,
-                            reason=f"missed: older than skip_if_older_than={skip_after:g}s",
-                        )
-                    )
+                    reason = f"missed: older than skip_if_older_than={skip_after:g}s"
+                    intents.append(_skipped(schedule, (first, last, count), reason))
                 entry.last_tick = last
                 tick = schedule.first_tick_after(last)
             if tick is not None and tick <= now:
@@ -258,16 +230,8 @@ class BeatEngine:
                 entry.due = recheck if entry.due is None else min(entry.due, recheck)
                 return intents
             if policy == "skip":
-                intents.append(
-                    ledger.Intent(
-                        schedule=schedule.key,
-                        tick=last,
-                        first_tick=first if count > 1 else None,
-                        ticks=count,
-                        status=Run.Status.SKIPPED,
-                        reason=f"overlap: run {entry.open_run} has not finished",
-                    )
-                )
+                reason = f"overlap: run {entry.open_run} has not finished"
+                intents.append(_skipped(schedule, new, reason))
                 entry.last_tick = last
                 return intents
         tick = now if schedule.from_previous else last
@@ -314,7 +278,7 @@ class BeatEngine:
 
     # -- publishing --------------------------------------------------------------------
 
-    def _publish(self, runs: Iterable[Run], leadership: Leadership) -> None:
+    def _publish(self, runs: list[Run], leadership: Leadership) -> None:
         """Publish recorded intents while this term is believed; mark the sent ones."""
         sent: list[int] = []
         for run in runs:
@@ -334,11 +298,9 @@ class BeatEngine:
                 )
                 break
             sent.append(run.id)
-            if self.lateness is not None and run.kind == Run.Kind.SCHEDULED:
-                self.lateness.append((self.clock.now() - run.tick).total_seconds())
         ledger.mark_published(sent, using=self.using)
-        self.stats = replace(self.stats, published=self.stats.published + len(sent))
-        self._after_publish([r for r in runs if r.id in set(sent)])
+        published = set(sent)
+        self._after_publish([r for r in runs if r.id in published])
 
     def _send(self, run: Run, term: Term) -> None:
         fields = {
@@ -529,6 +491,18 @@ class BeatEngine:
             using=self.using,
             ttl=self.settings.lease_ttl,
         )
+
+
+def _skipped(schedule: Schedule, ticks: _Range, reason: str) -> ledger.Intent:
+    first, last, count = ticks
+    return ledger.Intent(
+        schedule=schedule.key,
+        tick=last,
+        first_tick=first if count > 1 else None,
+        ticks=count,
+        status=Run.Status.SKIPPED,
+        reason=reason,
+    )
 
 
 def _merge(older: _Range, newer: _Range | None) -> _Range:

@@ -55,11 +55,15 @@ class Leadership:
     stop_event: threading.Event
     using: str
     ttl: float
+    #: Whether the runner's belief window for this term is still open, by its own clock;
+    #: checked directly so a process resumed after a pause stops acting at once, before
+    #: its coordinator thread has run.
+    believed: Callable[[], bool] = field(default=lambda: True)
 
     @property
     def running(self) -> bool:
-        """False once the term ended or the runner is stopping."""
-        return not self.stop_event.is_set()
+        """False once the term ended, its belief window closed, or the runner is stopping."""
+        return not self.stop_event.is_set() and self.believed()
 
     def sleep(self, seconds: float | None) -> bool:
         """Sleep (``None``: until the term ends), waking early when the term ends;
@@ -386,11 +390,13 @@ class Runner:
         assert slot.term is not None
         slot.stop_event = threading.Event()
         slot.outcome, slot.restart_at = "running", None
+        term = slot.term
         leadership = Leadership(
-            term=slot.term,
+            term=term,
             stop_event=slot.stop_event,
             using=self.using,
             ttl=self.settings.lease_ttl,
+            believed=lambda: slot.term is term and self.clock.monotonic() < slot.believed_until,
         )
         slot.thread = threading.Thread(
             target=self._run_work, args=(slot, leadership), name=f"lead:{slot.name}", daemon=True

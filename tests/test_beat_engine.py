@@ -19,7 +19,7 @@ from django_celery_beat.models import (
     PeriodicTask,
 )
 
-from cluster_singletons import context, deliveries, leases, ledger, runners
+from cluster_singletons import context, deliveries, leases, ledger, runners, schedules
 from cluster_singletons.clock import FrozenClock
 from cluster_singletons.conf import get_settings
 from cluster_singletons.engine import BeatEngine
@@ -27,6 +27,7 @@ from cluster_singletons.errors import DeliveryNotCancellable, LeadershipLost
 from cluster_singletons.models import Delivery, Lease, Run, ScheduleRecord
 from cluster_singletons.runner import Leadership
 from cluster_singletons.snowflake import default_generator
+from project.demo.localcluster import poll, received
 
 pytestmark = [pytest.mark.db, pytest.mark.django_db(transaction=True)]
 
@@ -54,18 +55,7 @@ def _give_back_machine_id() -> Iterator[None]:
 
 
 def _drain(app: Celery) -> list[dict[str, Any]]:
-    got = []
-    with app.connection_for_read() as conn:
-        queue = conn.SimpleQueue("beat-test")
-        while True:
-            try:
-                message = queue.get(block=False)
-            except queue.Empty:
-                break
-            got.append(message.headers)
-            message.ack()
-        queue.close()
-    return got
+    return received(app, "beat-test")
 
 
 class Leader:
@@ -318,3 +308,25 @@ def test_context_of_a_dispatch_names_schedule_tick_and_epoch(app: Celery) -> Non
         leader.leadership.term.epoch,
         headers["id"],
     )
+
+
+def test_cron_functions_run_in_the_leader_and_report_their_end(app: Celery) -> None:
+    calls: list[tuple[datetime, str | None]] = []
+
+    def job(run: Run) -> None:
+        calls.append((run.tick, context.current().schedule))
+
+    schedules.cron("t-cron", "* * * * *", tz="Europe/Berlin")(job)
+    try:
+        leader = Leader(app)
+        leader.at(59)
+        leader.at(60)
+        poll(
+            "the cron run to finish",
+            lambda: Run.objects.filter(status=Run.Status.SUCCEEDED).exists(),
+            timeout=10,
+        )
+    finally:
+        schedules._crons.pop("cron:t-cron")
+    assert calls == [(T0 + timedelta(minutes=1), "cron:t-cron")]
+    assert _drain(app) == [], "in-runner: nothing goes through the broker"

@@ -87,11 +87,17 @@ class Cluster:
         self.lead = lead or []
         self.nodes: list[Node] = []
 
-    def start(self, count: int = 1) -> list[Node]:
+    def start(self, count: int = 1, *, beat: bool = False) -> list[Node]:
+        """Start ``count`` runners: ``runcluster`` nodes, or with ``beat`` Celery beats
+        using the leader scheduler; returns once they registered."""
         started = []
         for _ in range(count):
             log = self.tmp / f"node{len(self.nodes)}.log"
             args = [sys.executable, "manage.py", "runcluster"]
+            if beat:
+                args = [sys.executable, "-m", "celery", "-A", "project", "beat", "--loglevel"]
+                args += ["INFO", "-S", "cluster_singletons.beat:LeaderScheduler"]
+                args += ["--schedule", str(self.tmp / f"beat{len(self.nodes)}")]
             for spec in self.lead:
                 args += ["--lead", spec]
             with log.open("wb") as out:
@@ -192,3 +198,20 @@ class Cluster:
         return "\n".join(
             f"--- {node.log.name} (pid {node.pid})\n{node.text()}" for node in self.nodes
         )
+
+
+def received(app: Any, queue: str, *, wait: float = 0.0) -> list[dict[str, Any]]:
+    """The headers of every message in ``queue``, consumed: what the broker really holds.
+    ``wait``: how long to wait for each further message (0: take what is there)."""
+    got = []
+    with app.connection_for_read() as conn:
+        simple = conn.SimpleQueue(queue)
+        while True:
+            try:
+                message = simple.get(block=wait > 0, timeout=wait or None)
+            except simple.Empty:
+                break
+            got.append(message.headers)
+            message.ack()
+        simple.close()
+    return got

@@ -1,0 +1,188 @@
+"""Operator actions on schedules: find, preview, run now, pause/resume, backfill, prune.
+
+These write what the leading beat acts on (ledger intents, pause flags) and never talk
+to the broker themselves: a manual or backfilled run is a ``pending`` ledger row that the
+leader publishes within about a second, exactly once.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime, timedelta
+
+from celery import current_app
+from django.db.models import Q
+
+from cluster_singletons import ledger
+from cluster_singletons.conf import get_settings
+from cluster_singletons.errors import ScheduleInvalid, UnknownSchedule
+from cluster_singletons.models import Run, ScheduleRecord
+from cluster_singletons.schedules import Schedule, load_all
+from cluster_singletons.timetables import Cron, Timetable, preview, zone
+
+#: A backfill larger than this is refused: split the range.
+MAX_BACKFILL = 10_000
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def schedules() -> dict[str, Schedule]:
+    return load_all(current_app, using=get_settings().database)
+
+
+def find(name: str) -> Schedule:
+    """The schedule keyed ``name`` (``periodic:x``) or, unambiguously, named ``name``."""
+    found = schedules()
+    if name in found:
+        return found[name]
+    matches = [s for s in found.values() if s.name == name]
+    if len(matches) != 1:
+        raise UnknownSchedule(name)
+    return matches[0]
+
+
+def timetable_of(spec: str, tz: str | None = None) -> tuple[str, Timetable]:
+    """A cron expression (five fields) or a schedule name -> (label, timetable)."""
+    if len(spec.split()) == 5:
+        return spec, Cron(spec, zone(tz))
+    schedule = find(spec)
+    if schedule.timetable is None:
+        raise ScheduleInvalid(f"{schedule.key}: {schedule.problem}")
+    return schedule.key, schedule.timetable
+
+
+def upcoming(spec: str, count: int, *, tz: str | None = None) -> list[datetime]:
+    """The next ``count`` run times of a cron expression or schedule, from now."""
+    return preview(timetable_of(spec, tz)[1], count, after=datetime.now(UTC))
+
+
+def run_now(name: str, *, note: str = "") -> Run:
+    """Record a manual run of schedule ``name``; the leader publishes it."""
+    schedule = _dispatchable(name)
+    intent = ledger.Intent(
+        schedule=schedule.key,
+        tick=datetime.now(UTC),
+        kind=Run.Kind.MANUAL,
+        reason=note or "run now",
+        task=schedule.task,
+        args=schedule.args,
+        kwargs=dict(schedule.kwargs),
+        options=dict(schedule.options),
+    )
+    (row,) = _record([intent])
+    return row
+
+
+def pause(name: str, note: str) -> None:
+    """Stop dispatching ``name`` (its ticks pass without runs) until ``resume``."""
+    key = find(name).key
+    ScheduleRecord.objects.using(get_settings().database).update_or_create(
+        key=key, defaults={"paused": True, "pause_note": note}
+    )
+
+
+def resume(name: str) -> None:
+    key = find(name).key
+    ScheduleRecord.objects.using(get_settings().database).filter(key=key).update(
+        paused=False, pause_note=""
+    )
+
+
+def backfill(name: str, start: datetime, end: datetime) -> tuple[int, int]:
+    """Dispatch the ticks of ``name`` in [start, end] that never ran, once each.
+
+    A tick already in the ledger, or inside a run that coalesced it, is left out; ticks
+    that were skipped are backfilled. Returns (recorded, left out)."""
+    if end < start:
+        raise ValueError("--end is before --start")
+    schedule = _dispatchable(name)
+    assert schedule.timetable is not None
+    ticks = []
+    cursor = start - timedelta(microseconds=1)
+    while (tick := schedule.timetable.next_after(cursor)) is not None and tick <= end:
+        ticks.append(tick)
+        if len(ticks) > MAX_BACKFILL:
+            raise ValueError(f"more than {MAX_BACKFILL} ticks in that range; split it")
+        cursor = tick
+    ran = _covered(schedule.key, start, end)
+    todo = [t for t in ticks if not any(a <= t <= b for a, b in ran)]
+    intents = [
+        ledger.Intent(
+            schedule=schedule.key,
+            tick=tick,
+            kind=Run.Kind.BACKFILL,
+            reason=f"backfill {start.isoformat()} .. {end.isoformat()}",
+            task=schedule.task,
+            args=schedule.args,
+            kwargs=dict(schedule.kwargs),
+            options=dict(schedule.options),
+        )
+        for tick in todo
+    ]
+    recorded = _record(intents) if intents else []
+    taken = {r.tick for r in recorded}
+    revived = _revive_skipped([i for i in intents if i.tick not in taken])
+    done = len(recorded) + revived
+    return done, len(ticks) - done
+
+
+def prune(older_than: float) -> int:
+    """Delete ledger rows older than ``older_than`` seconds (intents not yet published stay)."""
+    before = datetime.now(UTC) - timedelta(seconds=older_than)
+    return ledger.prune(before=before, using=get_settings().database)
+
+
+def parse_duration(text: str) -> float:
+    """``"30d"``, ``"12h"``, ``"90m"``, ``"3600s"``, ``"2w"`` -> seconds."""
+    match = _DURATION.match(text)
+    if not match:
+        raise ValueError(f"{text!r} is not a duration like 30d, 12h, 90m, 3600s or 2w")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def _dispatchable(name: str) -> Schedule:
+    schedule = find(name)
+    if schedule.problem:
+        raise ScheduleInvalid(f"{schedule.key} cannot run: {schedule.problem}")
+    return schedule
+
+
+def _covered(key: str, start: datetime, end: datetime) -> list[tuple[datetime, datetime]]:
+    """The tick ranges of ``key`` that ran (or are on their way), overlapping [start, end]."""
+    rows = (
+        Run.objects.using(get_settings().database)
+        .filter(schedule=key, tick__gte=start)
+        .filter(Q(first_tick__isnull=True, tick__lte=end) | Q(first_tick__lte=end))
+        .exclude(status__in=[Run.Status.SKIPPED, Run.Status.ERROR])
+        .values_list("first_tick", "tick")
+    )
+    return [(first or tick, tick) for first, tick in rows]
+
+
+def _revive_skipped(intents: list[ledger.Intent]) -> int:
+    """Turn the skipped rows that hold these ticks into runs to dispatch."""
+    revived = 0
+    for intent in intents:
+        row = intent.row(epoch=None)
+        revived += (
+            Run.objects.using(get_settings().database)
+            .filter(schedule=intent.schedule, tick=intent.tick, status=Run.Status.SKIPPED)
+            .update(
+                status=row.status,
+                kind=row.kind,
+                reason=row.reason,
+                task=row.task,
+                task_id=row.task_id,
+                message=row.message,
+                first_tick=None,
+                ticks=1,
+            )
+        )
+    return revived
+
+
+def _record(intents: list[ledger.Intent]) -> list[Run]:
+    settings = get_settings()
+    return ledger.record(
+        intents, last_ticks={}, term=None, using=settings.database, ttl=settings.lease_ttl
+    )
