@@ -159,7 +159,7 @@ def _qualname(fn: Callable[..., Any]) -> str:
 def load_all(app: Any, *, using: str) -> dict[str, Schedule]:
     """Every schedule of every source, by key; task names are checked against ``app``."""
     found: dict[str, Schedule] = dict(_crons)
-    found.update(from_beat_schedule(app.conf.beat_schedule or {}))
+    found.update(from_beat_schedule(app.conf.beat_schedule or {}, tz=app.conf.timezone))
     if apps.is_installed("django_celery_beat"):
         found.update(from_periodic_tasks(using=using))
     known = set(app.tasks.keys())
@@ -171,8 +171,11 @@ def load_all(app: Any, *, using: str) -> dict[str, Schedule]:
     return found
 
 
-def from_beat_schedule(entries: Mapping[str, Mapping[str, Any]]) -> dict[str, Schedule]:
-    """Celery's ``beat_schedule``; beat options (``overlap``...) may sit in ``options``."""
+def from_beat_schedule(
+    entries: Mapping[str, Mapping[str, Any]], *, tz: str | None = None
+) -> dict[str, Schedule]:
+    """Celery's ``beat_schedule``; beat options (``overlap``...) may sit in ``options``.
+    Crontabs are in ``tz``, Celery's ``timezone`` setting, as Celery's own beat reads them."""
     found = {}
     for name, entry in entries.items():
         key = f"beat:{name}"
@@ -190,7 +193,7 @@ def from_beat_schedule(entries: Mapping[str, Mapping[str, Any]]) -> dict[str, Sc
         try:
             found[key] = replace(
                 base,
-                timetable=_celery_timetable(entry.get("schedule")),
+                timetable=_celery_timetable(entry.get("schedule"), tz),
                 **_beat_options(beat_options),
             )
         except ScheduleInvalid as exc:
@@ -198,7 +201,7 @@ def from_beat_schedule(entries: Mapping[str, Mapping[str, Any]]) -> dict[str, Sc
     return found
 
 
-def _celery_timetable(value: Any) -> Timetable:
+def _celery_timetable(value: Any, tz: str | None) -> Timetable:
     from celery.schedules import crontab, schedule, solar
 
     if isinstance(value, int | float):
@@ -210,7 +213,7 @@ def _celery_timetable(value: Any) -> Timetable:
             str(getattr(value, f"_orig_{part}"))
             for part in ("minute", "hour", "day_of_month", "month_of_year", "day_of_week")
         )
-        return Cron(expression, timetables.zone(str(getattr(value, "tz", None) or "UTC")))
+        return Cron(expression, timetables.zone(tz))
     if isinstance(value, solar):
         return Solar(value.event, float(value.lat), float(value.lon))
     if isinstance(value, schedule):

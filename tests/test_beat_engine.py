@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from celery import Celery
+from celery.schedules import crontab
 from django.db.models.functions import Now
 from django_celery_beat.models import (
     ClockedSchedule,
@@ -330,3 +331,25 @@ def test_cron_functions_run_in_the_leader_and_report_their_end(app: Celery) -> N
         schedules._crons.pop("cron:t-cron")
     assert calls == [(T0 + timedelta(minutes=1), "cron:t-cron")]
     assert _drain(app) == [], "in-runner: nothing goes through the broker"
+
+
+@pytest.mark.parametrize(
+    ("night", "expected"),
+    [
+        (datetime(2026, 3, 29, 0, 0, tzinfo=UTC), datetime(2026, 3, 29, 1, 0, tzinfo=UTC)),
+        (datetime(2026, 10, 25, 0, 0, tzinfo=UTC) - timedelta(hours=1), None),
+    ],
+)
+def test_the_engine_runs_a_dst_night_job_once(
+    app: Celery, night: datetime, expected: datetime | None
+) -> None:
+    """02:30 Europe/Berlin: at 03:00 CEST when skipped, at the first 02:30 when repeated."""
+    app.conf.timezone = "Europe/Berlin"
+    app.conf.beat_schedule = {"night": {"task": "t.tick", "schedule": crontab(minute=30, hour=2)}}
+    leader = Leader(app, wall=night)
+    for _ in range(0, 4 * 60, 5):
+        leader.clock.advance(300)
+        leader.engine.step(leader.leadership)
+    ticks = [datetime.fromisoformat(h["cluster_context"]["tick"]) for h in _drain(app)]
+    first_half_past_two = datetime(2026, 10, 25, 0, 30, tzinfo=UTC)  # 02:30 CEST
+    assert ticks == [expected or first_half_past_two]

@@ -194,3 +194,18 @@ def test_a_worker_started_with_cluster_hosts_singletons_and_hands_them_off(
     assert worker.process.wait(timeout=30) == 0
     assert cluster.leader("singleton:indexer") is None, "released on warm shutdown"
     assert not Runner.objects.filter(pk=leader.runner_id).exists()
+
+
+def test_a_celery_beat_with_the_leader_scheduler_hosts_the_beat_and_singletons(
+    clusters: list[Cluster], tmp_path: Path
+) -> None:
+    cluster = _cluster(clusters, tmp_path, "demo")
+    (beat,) = cluster.start(1, beat=True)
+    singleton = cluster.wait_for_leader("singleton:indexer")
+    assert Runner.objects.get(pk=singleton.runner_id).kind == "beat"
+    assert singleton.pid == beat.pid
+    assert cluster.wait_for_leader("beat").pid == beat.pid
+    cluster.signal(beat.pid, signal.SIGTERM)
+    assert beat.process.wait(timeout=30) == 0
+    assert cluster.leader("singleton:indexer") is None, "released on shutdown"
+    assert cluster.leader("beat") is None
