@@ -408,7 +408,9 @@ class BeatEngine:
             return
         self._signature = signature
         self._next_full = now + timedelta(seconds=_FULL_REFRESH)
-        found = load_all(self.app, using=self.using)
+        found = load_all(
+            self.app, using=self.using, previous={k: e.schedule for k, e in self._entries.items()}
+        )
         known = self._entries
         new_keys = [k for k in found if k not in known]
         records = self._records(new_keys) if new_keys else {}
@@ -417,7 +419,9 @@ class BeatEngine:
             del known[key]
         for key, schedule in found.items():
             entry = known.get(key)
-            if entry is not None and entry.schedule.fingerprint == schedule.fingerprint:
+            if entry is not None and (
+                entry.schedule is schedule or entry.schedule.fingerprint == schedule.fingerprint
+            ):
                 continue
             if schedule.problem and (entry is None or entry.schedule.problem != schedule.problem):
                 problems.append(schedule)

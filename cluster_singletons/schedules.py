@@ -19,6 +19,7 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from functools import cached_property
 from typing import Any, Literal
 
 from django.apps import apps
@@ -62,12 +63,14 @@ class Schedule:
     changed_at: datetime | None = field(default=None, compare=False)
     #: The source's own record of the last run (django-celery-beat's ``last_run_at``).
     last_run_at: datetime | None = field(default=None, compare=False)
+    #: The source row this was built from, to skip rebuilding unchanged ones.
+    source_row: tuple[Any, ...] = field(default=(), compare=False, repr=False)
 
     @property
     def name(self) -> str:
         return self.key.partition(":")[2]
 
-    @property
+    @cached_property
     def fingerprint(self) -> str:
         """Changes when anything that decides ticks or messages changes."""
         parts = [
@@ -156,12 +159,17 @@ def _qualname(fn: Callable[..., Any]) -> str:
 # -- loading -----------------------------------------------------------------------------
 
 
-def load_all(app: Any, *, using: str) -> dict[str, Schedule]:
-    """Every schedule of every source, by key; task names are checked against ``app``."""
+def load_all(
+    app: Any, *, using: str, previous: Mapping[str, Schedule] | None = None
+) -> dict[str, Schedule]:
+    """Every schedule of every source, by key; task names are checked against ``app``.
+
+    A ``PeriodicTask`` whose row is unchanged since ``previous`` comes back as the very
+    same object, so rereading many schedules costs little more than reading their rows."""
     found: dict[str, Schedule] = dict(_crons)
     found.update(from_beat_schedule(app.conf.beat_schedule or {}, tz=app.conf.timezone))
     if apps.is_installed("django_celery_beat"):
-        found.update(from_periodic_tasks(using=using))
+        found.update(from_periodic_tasks(using=using, previous=previous or {}))
     known = set(app.tasks.keys())
     for key, schedule in found.items():
         if schedule.task and not schedule.problem and schedule.task not in known:
@@ -270,18 +278,26 @@ _PERIODIC_FIELDS = (
 )
 
 
-def from_periodic_tasks(*, using: str) -> dict[str, Schedule]:
-    """django-celery-beat's ``PeriodicTask`` rows, read in one query (no model instances)."""
+def from_periodic_tasks(
+    *, using: str, previous: Mapping[str, Schedule] | None = None
+) -> dict[str, Schedule]:
+    """django-celery-beat's ``PeriodicTask`` rows, read in one query (no model instances);
+    rows unchanged since ``previous`` (``last_run_at`` aside) reuse its objects."""
     from django_celery_beat.models import PeriodicTask
 
-    rows = PeriodicTask.objects.using(using).values_list(*_PERIODIC_FIELDS)
-    return dict(
-        (schedule.key, schedule)
-        for schedule in (_periodic(dict(zip(_PERIODIC_FIELDS, row, strict=True))) for row in rows)
-    )
+    previous = previous or {}
+    found = {}
+    for row in PeriodicTask.objects.using(using).values_list(*_PERIODIC_FIELDS):
+        key = f"periodic:{row[0]}"
+        before = previous.get(key)
+        if before is not None and before.source_row == row[:-1]:
+            found[key] = before
+        else:
+            found[key] = _periodic(dict(zip(_PERIODIC_FIELDS, row, strict=True)), row[:-1])
+    return found
 
 
-def _periodic(row: dict[str, Any]) -> Schedule:
+def _periodic(row: dict[str, Any], source_row: tuple[Any, ...]) -> Schedule:
     key = f"periodic:{row['name']}"
     base = Schedule(
         key=key,
@@ -290,6 +306,7 @@ def _periodic(row: dict[str, Any]) -> Schedule:
         task=row["task"],
         changed_at=_aware(row["date_changed"]),
         last_run_at=_aware(row["last_run_at"]),
+        source_row=source_row,
     )
     try:
         options = {k: row[k] for k in ("queue", "exchange", "routing_key", "priority") if row[k]}

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, tzinfo
+from functools import lru_cache
 from typing import Any, Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -68,7 +69,7 @@ class Cron:
                 f"cron expression {self.expression!r} must have 5 fields "
                 "(minute hour day-of-month month day-of-week)"
             )
-        if not croniter.is_valid(self.expression):
+        if not _valid_cron(self.expression):
             raise ScheduleInvalid(f"invalid cron expression {self.expression!r}")
 
     def next_after(self, after: datetime) -> datetime | None:
@@ -164,6 +165,11 @@ class Solar:
 
     def describe(self) -> str:
         return f"At {self.event.replace('_', ' ')} ({self.latitude}, {self.longitude})"
+
+
+@lru_cache(maxsize=4096)
+def _valid_cron(expression: str) -> bool:
+    return bool(croniter.is_valid(expression))
 
 
 def preview(timetable: Timetable, count: int, *, after: datetime) -> list[datetime]:
