@@ -11,12 +11,16 @@ from pathlib import Path
 from typing import Any
 
 from django.core.management.base import BaseCommand
+from django.db.models import Count, Sum
+from django_celery_beat.models import IntervalSchedule, PeriodicTask
 
 from cluster_singletons.conf import get_settings
-from cluster_singletons.models import Lease, StateRecord
+from cluster_singletons.models import Lease, Run, StateRecord
 from project.demo.localcluster import Cluster, Leader, poll
 from project.demo.models import FencedWrite
 from project.demo.tasks import ping
+
+BEAT_DEMO = "demo-every-second"
 
 
 class Command(BaseCommand):
@@ -46,6 +50,11 @@ class Command(BaseCommand):
     def _run(self, cluster: Cluster, settle: float, ttl: float) -> None:
         say = self.stdout.write
         say(f"starting 3 runners and a Celery worker (lease TTL {ttl:g}s) ...")
+        every, _ = IntervalSchedule.objects.get_or_create(every=1, period="seconds")
+        PeriodicTask.objects.update_or_create(
+            name=BEAT_DEMO, defaults={"task": "demo.ping", "interval": every, "args": '["beat"]'}
+        )
+        say(f"scheduled {BEAT_DEMO!r}: demo.ping every second, dispatched by the beat leader")
         worker = cluster.start_worker()
         cluster.start(3)
         first = cluster.wait_for_leader("probe")
@@ -84,6 +93,8 @@ class Command(BaseCommand):
             )
         indexer = StateRecord.objects.filter(key="singleton:indexer").first()
 
+        beat = self._beat_summary()
+        say(beat)
         writes = FencedWrite.objects.filter(lease="probe")
         late = sum(
             writes.filter(epoch=old.epoch, id__gt=first_of_next).count()
@@ -93,7 +104,20 @@ class Command(BaseCommand):
             f"SUMMARY takeover after SIGKILL {killed_after:.2f}s (TTL {ttl:g}s), handoff after "
             f"SIGTERM {handoff_after:.2f}s, epochs {first.epoch}->{second.epoch}->{third.epoch}, "
             f"{writes.count()} fenced writes, {late} from deposed leaders after takeover; "
-            f"indexer state {indexer.value if indexer else '(none)'} across the failovers"
+            f"indexer state {indexer.value if indexer else '(none)'} across the failovers; " + beat
+        )
+
+    @staticmethod
+    def _beat_summary() -> str:
+        runs = Run.objects.filter(schedule=f"periodic:{BEAT_DEMO}")
+        by_status = dict(runs.values_list("status").annotate(n=Count("id")))
+        dispatched = runs.exclude(status__in=["skipped", "error"])
+        ticks = dispatched.aggregate(n=Sum("ticks"))["n"] or 0
+        return (
+            f"beat: {dispatched.count()} runs of {BEAT_DEMO!r} covering {ticks} ticks, each "
+            f"tick once ({ticks - dispatched.count()} coalesced after takeovers), "
+            f"{by_status.get('skipped', 0)} skipped, "
+            f"{by_status.get('succeeded', 0)} reported done by the worker"
         )
 
     @staticmethod
