@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import psycopg
-from django.db import connections
+from django.db import OperationalError, connections
 
 from cluster_singletons.errors import describe
 from cluster_singletons.leases import LIVENESS_LOCK_NAMESPACE, RELEASE_CHANNEL
@@ -38,14 +38,23 @@ class Liveness:
         self.lost = threading.Event()
 
     def start(self) -> None:
-        """Open the session, take the lock (never contended: runner ids are unique), LISTEN."""
+        """Open the session, take the lock (never contended: runner ids are unique), LISTEN.
+
+        Failures raise Django's ``OperationalError``, like every other database error the
+        runner paces with backoff, not psycopg's own."""
         params = connections[self._using].get_connection_params()
-        conn = psycopg.connect(**params, autocommit=True)
+        try:
+            conn = psycopg.connect(**params, autocommit=True)
+        except psycopg.Error as exc:
+            raise OperationalError(describe(exc)) from exc
         try:
             conn.execute(
                 "SELECT pg_advisory_lock(%s, %s)", [LIVENESS_LOCK_NAMESPACE, self._runner_id]
             )
             conn.execute(f"LISTEN {RELEASE_CHANNEL}")
+        except psycopg.Error as exc:
+            conn.close()
+            raise OperationalError(describe(exc)) from exc
         except BaseException:
             conn.close()
             raise

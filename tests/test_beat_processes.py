@@ -22,7 +22,8 @@ from django_celery_beat.models import CrontabSchedule, IntervalSchedule, Periodi
 
 from cluster_singletons.models import Run
 from project.celery import app as project_app
-from project.demo.localcluster import Cluster, Leader, poll, received
+from project.demo.localcluster import Cluster, Leader, database_url, poll, received
+from tests.tcpproxy import TcpProxy
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.django_db(transaction=True)]
 
@@ -91,33 +92,13 @@ def test_every_tick_is_dispatched_once_while_leaders_die(cluster: Cluster) -> No
     time.sleep(3)  # let the leader publish the last ticks of the window (not a schedule wait)
     cluster.stop()
 
-    messages = received(project_app, queue, wait=1.0)
-    by_id = Counter(m["id"] for m in messages)
-    runs = {r.task_id: r for r in Run.objects.filter(task_id__in=list(by_id))}
-    assert set(runs) == set(by_id), "every message received is a ledger run"
-    skipped = list(Run.objects.filter(status=Run.Status.SKIPPED))
-
-    for key, step in (("periodic:each-second", 1), ("periodic:each-minute", 60)):
-        covered: Counter[datetime] = Counter()
-        for run in [r for r in runs.values() if r.schedule == key] + [
-            r for r in skipped if r.schedule == key
-        ]:
-            first = run.first_tick or run.tick
-            covered.update(first + timedelta(seconds=step * i) for i in range(run.ticks))
-        expected = [
-            t
-            for t in (
-                window_start.replace(microsecond=0) + timedelta(seconds=i)
-                for i in range(int((window_end - window_start).total_seconds()) + 1)
-            )
-            if t.timestamp() % step == 0 and window_start <= t <= window_end
-        ]
-        missing = [t for t in expected if covered[t] == 0]
-        twice = [t for t in expected if covered[t] > 1]
-        assert not missing, (
-            f"{key}: ticks never dispatched: {missing[:5]}\n{cluster.logs()[-5000:]}"
-        )
-        assert not twice, f"{key}: ticks dispatched twice: {twice[:5]}"
+    by_id, runs = _each_tick_once(
+        cluster,
+        queue,
+        window_start,
+        window_end,
+        {"periodic:each-second": 1, "periodic:each-minute": 60},
+    )
     # A message published twice (a leader died between publishing and marking it) carries
     # the same task id both times, so consumers can tell; it cannot happen more often
     # than leaders were disrupted.
@@ -125,3 +106,85 @@ def test_every_tick_is_dispatched_once_while_leaders_die(cluster: Cluster) -> No
     assert repeats <= disruptions, by_id.most_common(3)
     assert disruptions >= (10 if postgres else 3)
     assert sum(1 for r in runs.values() if r.schedule == "periodic:each-second") >= seconds / 2
+
+
+def _each_tick_once(
+    cluster: Cluster, queue: str, start: datetime, end: datetime, steps: dict[str, int]
+) -> tuple[Counter[str], dict[str, Run]]:
+    """Read back what the broker holds; assert every tick of each schedule (key -> seconds
+    between ticks) from ``start`` to ``end`` was dispatched (alone or coalesced) or skipped
+    by policy, and none twice. Returns the messages per task id and their ledger rows."""
+    messages = received(project_app, queue, wait=1.0)
+    by_id = Counter(m["id"] for m in messages)
+    runs = {r.task_id: r for r in Run.objects.filter(task_id__in=list(by_id))}
+    assert set(runs) == set(by_id), "every message received is a ledger run"
+    skipped = list(Run.objects.filter(status=Run.Status.SKIPPED))
+    for key, step in steps.items():
+        covered: Counter[datetime] = Counter()
+        for run in [r for r in [*runs.values(), *skipped] if r.schedule == key]:
+            first = run.first_tick or run.tick
+            covered.update(first + timedelta(seconds=step * i) for i in range(run.ticks))
+        seconds = (
+            start.replace(microsecond=0) + timedelta(seconds=i)
+            for i in range(int((end - start).total_seconds()) + 1)
+        )
+        expected = [t for t in seconds if t.timestamp() % step == 0 and start <= t <= end]
+        missing = [t for t in expected if covered[t] == 0]
+        twice = [t for t in expected if covered[t] > 1]
+        assert not missing, (
+            f"{key}: ticks never dispatched: {missing[:5]}\n{cluster.logs()[-5000:]}"
+        )
+        assert not twice, f"{key}: ticks dispatched twice: {twice[:5]}"
+    return by_id, runs
+
+
+@pytest.mark.postgres
+def test_the_leader_stops_while_the_database_is_down_and_catches_up_after(
+    tmp_path: Path,
+) -> None:
+    settings = connection.settings_dict
+    proxy = TcpProxy((settings["HOST"] or "127.0.0.1", int(settings["PORT"] or 5432)))
+    proxy.restore()
+    url = database_url().replace(f":{settings['PORT'] or 5432}/", f":{proxy.port}/")
+    cluster = Cluster(tmp_path, SETTINGS, env={"DATABASE_URL": url})
+    queue = f"outage-{uuid.uuid4().hex[:8]}"
+    every = IntervalSchedule.objects.create(every=1, period=IntervalSchedule.SECONDS)
+    PeriodicTask.objects.create(name="each-second", task="demo.ping", interval=every, queue=queue)
+    try:
+        nodes = cluster.start(2)
+        poll("the first dispatch", lambda: Run.objects.exists(), timeout=30)
+        window_start = datetime.now(UTC) + timedelta(seconds=1)
+        time.sleep(3)
+        proxy.cut()
+        cut_at = datetime.now(UTC)
+        time.sleep(6)  # past the lease TTL: nobody may lead without the database
+        proxy.restore()
+        restored_at = datetime.now(UTC)
+        during = Run.objects.filter(
+            schedule="periodic:each-second",
+            created_at__gt=cut_at + timedelta(seconds=1),
+            created_at__lt=restored_at,
+        )
+        assert not during.exists(), "nothing was recorded while the database was unreachable"
+
+        def resumed() -> bool:
+            return Run.objects.filter(tick__gt=restored_at + timedelta(seconds=3)).exists()
+
+        try:
+            poll("dispatching to resume", resumed, timeout=60)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{cluster.logs()[-8000:]}") from exc
+        window_end = datetime.now(UTC) - timedelta(seconds=1)
+        time.sleep(2)
+        assert all(node.process.poll() is None for node in nodes), "runners survived the outage"
+        cluster.stop()
+        _, runs = _each_tick_once(
+            cluster, queue, window_start, window_end, {"periodic:each-second": 1}
+        )
+        catch_up = [
+            r for r in runs.values() if r.first_tick is not None and r.first_tick < restored_at
+        ]
+        assert catch_up, "the ticks missed during the outage were coalesced into one run"
+    finally:
+        cluster.stop()
+        proxy.cut()
