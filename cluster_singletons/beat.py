@@ -1,6 +1,7 @@
 """The leader-elected beat: ``celery -A project beat -S cluster_singletons.beat:LeaderScheduler``.
 
-Safe to start on every node (and as ``celery worker -B -S ...``): each one is a runner
+Safe to start on every node (and as ``celery worker -B --scheduler ...``; a worker's ``-S``
+is ``--statedb``): each one is a runner
 standing for the ``beat`` lease and for the singletons; the one leading ``beat`` runs the
 engine (``engine.BeatEngine``), the others stand by at the cost of one read per poll.
 ``runcluster`` runs the same engine through ``cluster_work``.

@@ -353,3 +353,22 @@ def test_the_engine_runs_a_dst_night_job_once(
     ticks = [datetime.fromisoformat(h["cluster_context"]["tick"]) for h in _drain(app)]
     first_half_past_two = datetime(2026, 10, 25, 0, 30, tzinfo=UTC)  # 02:30 CEST
     assert ticks == [expected or first_half_past_two]
+
+
+def test_calculate_next_run_from_previous_counts_from_the_actual_run(app: Celery) -> None:
+    _every(app, "grid", 10)
+    _every(app, "drift", 10, calculate_next_run_from_previous=True)
+    ScheduleRecord.objects.create(key="beat:grid", last_tick=T0)
+    ScheduleRecord.objects.create(key="beat:drift", last_tick=T0)
+    leader = Leader(app)
+    leader.at(13)  # both are 3 s late
+    leader.at(20)
+    leader.at(23)
+    sent = [(h["cluster_context"]["schedule"], h["cluster_context"]["tick"]) for h in _drain(app)]
+    at = {s: (T0 + timedelta(seconds=s)).isoformat() for s in (10, 13, 20, 23)}
+    assert sorted(sent) == [
+        ("beat:drift", at[13]),
+        ("beat:drift", at[23]),
+        ("beat:grid", at[10]),
+        ("beat:grid", at[20]),
+    ]

@@ -209,3 +209,13 @@ def test_a_celery_beat_with_the_leader_scheduler_hosts_the_beat_and_singletons(
     assert beat.process.wait(timeout=30) == 0
     assert cluster.leader("singleton:indexer") is None, "released on shutdown"
     assert cluster.leader("beat") is None
+
+
+def test_a_worker_with_an_embedded_leader_beat(clusters: list[Cluster], tmp_path: Path) -> None:
+    cluster = _cluster(clusters, tmp_path, "demo")
+    worker = cluster.start_worker("-B", "--scheduler", "cluster_singletons.beat:LeaderScheduler")
+    leader = cluster.wait_for_leader("beat")
+    assert Runner.objects.get(pk=leader.runner_id).kind == "beat"
+    cluster.signal(worker.pid, signal.SIGTERM)
+    assert worker.process.wait(timeout=30) == 0
+    poll("the beat lease to be released", lambda: cluster.leader("beat") is None, timeout=30)
