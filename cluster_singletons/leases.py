@@ -10,6 +10,8 @@ Invariants every function here keeps:
   its holder's connection is gone.
 - Only the holder of a term can renew or release it; a renewal that touches no row means
   the term is over.
+- A fenced write, a transaction (``fenced``) or a single statement (``fence_clause``),
+  commits only while its term is current, and before the next term of the lease begins.
 """
 
 from __future__ import annotations
@@ -17,14 +19,16 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import operator
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
-from django.db import connections, transaction
-from django.db.models import BooleanField, DateTimeField, ExpressionWrapper, F, Q
+from django.db import NotSupportedError, connections, transaction
+from django.db.backends.base.base import BaseDatabaseWrapper
+from django.db.models import BooleanField, DateTimeField, ExpressionWrapper, F, Model, Q
 from django.db.models.expressions import CombinedExpression, RawSQL
 from django.db.models.functions import Now
+from django.db.models.sql import Query
 
 from cluster_singletons.errors import LeadershipLost
 from cluster_singletons.models import Lease, Runner
@@ -203,3 +207,100 @@ def fenced(term: Term, *, using: str, ttl: float) -> Iterator[None]:
         if not list(still_ours):
             raise LeadershipLost(term.name, term.runner_id, term.epoch)
         yield
+
+
+def now_sql(connection: BaseDatabaseWrapper) -> str:
+    """The database's clock as the ORM writes ``Now()`` for ``connection``, so that raw SQL
+    stores and compares time exactly as the ORM statements of this package do."""
+    sql, params = Query(Lease).get_compiler(connection=connection).compile(Now())
+    assert isinstance(sql, str) and not params, (sql, params)
+    return sql
+
+
+def _term_is_current(connection: BaseDatabaseWrapper) -> str:
+    """SQL: ``fenced()``'s test, on the lease row named by ``fence_params``' values."""
+    q = connection.ops.quote_name
+    name, holder, epoch, expires = (
+        f"{q(Lease._meta.db_table)}.{q(column)}"
+        for column in ("name", "holder_id", "epoch", "expires_at")
+    )
+    return f"{name} = %s AND {holder} = %s AND {epoch} = %s AND {expires} > {now_sql(connection)}"
+
+
+def fence_clause(connection: BaseDatabaseWrapper) -> str:
+    """SQL condition that fences a single write statement; its parameters: ``fence_params``.
+
+    - True only while the lease is held by the term's runner at its epoch and unexpired by
+      the database's clock: the test ``fenced()`` makes.
+    - On PostgreSQL it locks the lease row (``FOR NO KEY UPDATE``, as ``fenced()``) until the
+      statement's transaction ends, so an acquisition waits and the write commits before
+      the next term begins. SQLite runs one write statement at a time, so check and write
+      are one step there.
+    - Other databases are refused, rather than fenced without a lock.
+    """
+    if connection.vendor == "postgresql":
+        lock = " FOR NO KEY UPDATE"
+    elif connection.vendor == "sqlite":
+        lock = ""
+    else:
+        raise NotSupportedError(
+            f"fenced statements need PostgreSQL or SQLite, not {connection.display_name}"
+        )
+    lease = connection.ops.quote_name(Lease._meta.db_table)
+    return f"EXISTS (SELECT 1 FROM {lease} WHERE {_term_is_current(connection)}{lock})"
+
+
+def fence_params(term: Term) -> list[str | int]:
+    """The parameters of ``fence_clause`` for ``term``, in order."""
+    return [term.name, term.runner_id, term.epoch]
+
+
+def insert_sql(
+    connection: BaseDatabaseWrapper, model: type[Model], columns: Sequence[str], *, fenced: bool
+) -> str:
+    """SQL: insert one ``model`` row unless a row with the same unique key exists.
+
+    - Parameters: one per column of ``columns``, then ``fence_params`` when ``fenced``; the
+      other columns take their database defaults (``db_default``, e.g. the database's clock).
+    - Inserts nothing, without an error, on a conflict or (``fenced``) outside the term: the
+      caller tells the two apart with ``ensure_held``.
+    """
+    q = connection.ops.quote_name
+    values = ", ".join("%s" for _ in columns)
+    where = f" WHERE {fence_clause(connection)}" if fenced else ""
+    return (
+        f"INSERT INTO {q(model._meta.db_table)} ({', '.join(map(q, columns))})"
+        f" SELECT {values}{where} ON CONFLICT DO NOTHING"
+    )
+
+
+def statement_fence(term: Term, *, using: str, ttl: float) -> AbstractContextManager[None]:
+    """What runs around one statement guarded by ``fence_clause``.
+
+    - In autocommit: nothing; the statement is its own transaction.
+    - Inside an outer transaction, which keeps the lease row locked until it ends:
+      ``fenced()``, so that on PostgreSQL a paused process's session still ends after ``ttl``.
+    """
+    if transaction.get_connection(using).in_atomic_block:
+        return fenced(term, using=using, ttl=ttl)
+    return nullcontext()
+
+
+@functools.cache
+def _term_is_current_sql(using: str) -> str:
+    connection = connections[using]
+    lease = connection.ops.quote_name(Lease._meta.db_table)
+    return f"SELECT 1 FROM {lease} WHERE {_term_is_current(connection)}"
+
+
+def ensure_held(term: Term, *, using: str) -> None:
+    """Raise ``LeadershipLost`` unless ``term`` is current (one read, no lock).
+
+    The failure path of a fenced statement: it tells a lost term from the statement's own
+    conditions. A term once lost stays lost (expired leases are not renewed), so the answer
+    cannot be "held" for a term the statement found lost.
+    """
+    with connections[using].cursor() as cursor:
+        cursor.execute(_term_is_current_sql(using), fence_params(term))
+        if cursor.fetchone() is None:
+            raise LeadershipLost(term.name, term.runner_id, term.epoch)

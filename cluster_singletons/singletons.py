@@ -19,6 +19,7 @@ Lifecycle of one term, as the driver runs it:
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import json
 import logging
@@ -26,10 +27,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from django.db import IntegrityError
+from django.db import connections
 from pydantic import BaseModel
 
-from cluster_singletons import context, schema
+from cluster_singletons import context, leases, schema
 from cluster_singletons.backoff import Backoff
 from cluster_singletons.conf import get_settings
 from cluster_singletons.errors import (
@@ -192,9 +193,10 @@ class SingletonContext(Generic[M]):
     def step(self, name: str, fn: Callable[[], Any], *, run: str | None = None) -> Any:
         """Run ``fn`` once per (singleton, run, ``name``) across leaders; return its result.
 
-        The JSON result is recorded fenced on this term; a later leader reaching the same
-        step gets the recorded result without calling ``fn``. If a leader dies after ``fn``
-        ran but before the record committed, the next leader runs ``fn`` again.
+        The JSON result is recorded fenced on this term, in one statement; a later leader
+        reaching the same step gets the recorded result without calling ``fn``. If a leader
+        dies after ``fn`` ran but before the record committed, the next leader runs ``fn``
+        again. Raises ``LeadershipLost`` (nothing recorded) once the term is over.
         """
         run_key = self.run_key if run is None else run
         records = StepRecord.objects.using(self.store.using)
@@ -212,15 +214,28 @@ class SingletonContext(Generic[M]):
             raise TypeError(
                 f"step {name!r} of singleton {self.name!r}: result is not JSON: {exc}"
             ) from exc
-        try:
-            with self._leadership.fenced():
-                records.create(
-                    singleton=self.name, run_key=run_key, name=name, result=text, epoch=self.epoch
-                )
-        except IntegrityError:
-            recorded = records.get(singleton=self.name, run_key=run_key, name=name).result
-            return json.loads(recorded)
-        return result
+        leadership, using = self._leadership, self.store.using
+        params: list[str | int] = [self.name, run_key, name, text, self.epoch]
+        params += leases.fence_params(leadership.term)
+        with (
+            leases.statement_fence(leadership.term, using=using, ttl=leadership.ttl),
+            connections[using].cursor() as cursor,
+        ):
+            cursor.execute(_record_step_sql(using), params)
+            written = cursor.rowcount
+        if written == 1:
+            return result
+        leases.ensure_held(leadership.term, using=using)
+        # Still leading, so the statement met a record of the same step: that one stands.
+        recorded = records.get(singleton=self.name, run_key=run_key, name=name).result
+        return json.loads(recorded)
+
+
+@functools.cache
+def _record_step_sql(using: str) -> str:
+    """Built once per database alias; ``recorded_at`` takes its default, the database's clock."""
+    columns = ("singleton", "run_key", "name", "result", "epoch")
+    return leases.insert_sql(connections[using], StepRecord, columns, fenced=True)
 
 
 class SingletonDriver:

@@ -6,6 +6,9 @@ Invariants:
 - ``save()`` is compare-and-swap on ``version``: it succeeds only if the row is still at
   the version this store last loaded or saved. Bound to a leadership term, it is also
   fenced: a deposed leader's save raises ``LeadershipLost`` and writes nothing.
+- A save is one statement (an ``UPDATE``, or an ``INSERT`` of an absent row), the version
+  check and the fence in its ``WHERE``; a save that writes nothing raises ``LeadershipLost``
+  when the term is over, else ``StateConflict`` (the row moved on, or is quarantined).
 - ``modify(fn)`` reads, applies ``fn`` and writes in one transaction.
 - A stored value that cannot be decoded is never overwritten or reset silently: the row
   is marked quarantined (its value untouched, a copy kept in history) and
@@ -15,13 +18,13 @@ Invariants:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from django.db import DatabaseError, IntegrityError, InterfaceError, transaction
-from django.db.models import F
-from django.db.models.functions import Now
+from django.db import DatabaseError, InterfaceError, connections, transaction
 from pydantic import BaseModel
 
 from cluster_singletons import leases, schema
@@ -118,7 +121,7 @@ class StateStore(Generic[M]):
         if self.version is None:
             self.load()
         assert self.version is not None
-        with self._failing_as("StatePersistFailed"), self._transaction():
+        with self._failing_as("StatePersistFailed"), self._statement_fence():
             self._write(value, expected=self.version)
         self.version += 1
         return self.version
@@ -164,35 +167,31 @@ class StateStore(Generic[M]):
         self.version = 0
 
     def _write(self, value: M, *, expected: int) -> None:
-        """Compare-and-swap write; raises ``StateConflict`` when the row moved on."""
+        """Compare-and-swap write in one statement, fenced when the store is bound to a term.
+
+        Raises ``LeadershipLost`` when the term is over, else ``StateConflict`` when nothing
+        was written (the row moved on, appeared, vanished or is quarantined).
+        """
         text = value.model_dump_json()
         version = schema.version_of(self.model)
-        epoch = self.term.epoch if self.term else None
-        records = StateRecord.objects.using(self.using)
+        sql = _save_sql(self.using, fenced=self.term is not None)
+        epoch = None if self.term is None else self.term.epoch
+        fence = [] if self.term is None else leases.fence_params(self.term)
+        params: list[str | int | None]
         if expected == 0:
-            try:
-                with transaction.atomic(using=self.using):
-                    records.create(
-                        key=self.key,
-                        value=text,
-                        schema_version=version,
-                        version=1,
-                        updated_epoch=epoch,
-                    )
-            except IntegrityError as exc:
-                raise StateConflict(self.key, expected) from exc
+            statement = sql.insert
+            params = [self.key, text, version, 1, StateRecord.Status.OK, "", epoch, *fence]
+        else:
+            statement = sql.update
+            params = [text, version, epoch, self.key, expected, StateRecord.Status.OK, *fence]
+        with connections[self.using].cursor() as cursor:
+            cursor.execute(statement, params)
+            written = cursor.rowcount
+        if written == 1:
             return
-        changed = records.filter(
-            key=self.key, version=expected, status=StateRecord.Status.OK
-        ).update(
-            value=text,
-            schema_version=version,
-            version=F("version") + 1,
-            updated_at=Now(),
-            updated_epoch=epoch,
-        )
-        if not changed:
-            raise StateConflict(self.key, expected)
+        if self.term is not None:
+            leases.ensure_held(self.term, using=self.using)
+        raise StateConflict(self.key, expected)
 
     @contextmanager
     def _failing_as(self, reason: str) -> Iterator[None]:
@@ -216,6 +215,45 @@ class StateStore(Generic[M]):
         if self.term is not None:
             return leases.fenced(self.term, using=self.using, ttl=self._ttl)
         return _atomic(self.using)
+
+    def _statement_fence(self) -> AbstractContextManager[None]:
+        """Around ``_write`` alone: its statement is fenced and atomic by itself."""
+        if self.term is not None:
+            return leases.statement_fence(self.term, using=self.using, ttl=self._ttl)
+        return nullcontext()
+
+
+#: The columns an insert sets; ``updated_at`` takes its default, the database's clock.
+_INSERTED = ("key", "value", "schema_version", "version", "status", "problem", "updated_epoch")
+
+
+@dataclass(frozen=True)
+class _SaveSql:
+    """The statements of a save: ``update`` moves the row on from the expected version,
+    ``insert`` creates an absent row (version 1); each is fenced or not as a whole."""
+
+    update: str
+    insert: str
+
+
+@functools.cache
+def _save_sql(using: str, *, fenced: bool) -> _SaveSql:
+    """Built once per database alias: the text depends only on its vendor and the tables."""
+    connection = connections[using]
+    q = connection.ops.quote_name
+    key, value, schema_version, version, status, updated_at, updated_epoch = map(
+        q, ("key", "value", "schema_version", "version", "status", "updated_at", "updated_epoch")
+    )
+    fence = f" AND {leases.fence_clause(connection)}" if fenced else ""
+    update = (
+        f"UPDATE {q(StateRecord._meta.db_table)} SET {value} = %s, {schema_version} = %s,"
+        f" {version} = {version} + 1, {updated_at} = {leases.now_sql(connection)},"
+        f" {updated_epoch} = %s WHERE {key} = %s AND {version} = %s AND {status} = %s{fence}"
+    )
+    return _SaveSql(
+        update=update,
+        insert=leases.insert_sql(connection, StateRecord, _INSERTED, fenced=fenced),
+    )
 
 
 @contextmanager

@@ -248,6 +248,45 @@ def test_a_deposed_leader_cannot_record_a_step(declared: list[str]) -> None:
     assert not StepRecord.objects.exists()
 
 
+def test_a_step_recorded_meanwhile_wins_over_this_leaders_result(declared: list[str]) -> None:
+    results: list[Any] = []
+
+    def charge_twice(ctx: SingletonContext[Any]) -> str:
+        StepRecord.objects.create(
+            singleton=ctx.name, run_key="", name="charge", result='"first"', epoch=ctx.epoch
+        )
+        return "second"
+
+    @_declare(declared, "raced")
+    def run(ctx: SingletonContext[Any]) -> None:
+        results.append(ctx.step("charge", lambda: charge_twice(ctx)))
+        ctx.sleep(10)
+
+    term = Term(singletons.get("raced"))
+    poll("the step", lambda: results, timeout=10)
+    term.end()
+    assert term.error is None and results == ["first"]
+    assert StepRecord.objects.get().result == '"first"'
+
+
+def test_a_leader_whose_lease_was_taken_cannot_record_a_step(declared: list[str]) -> None:
+    go = threading.Event()
+
+    @_declare(declared, "taken")
+    def run(ctx: SingletonContext[Any]) -> None:
+        go.wait(10)
+        ctx.step("late", lambda: 1)
+
+    term = Term(singletons.get("taken"))
+    Lease.objects.filter(name="singleton:taken").update(expires_at=Now() - dt.timedelta(seconds=1))
+    other = runners.register(host="t", pid=2, kind="runcluster", using="default")
+    assert leases.acquire("singleton:taken", other, ttl=30, using="default")
+    go.set()
+    term.thread.join(10)
+    assert isinstance(term.error, LeadershipLost) and term.error.epoch == 1
+    assert not StepRecord.objects.exists()
+
+
 def test_a_step_result_must_be_json(declared: list[str]) -> None:
     errors: list[BaseException] = []
 
