@@ -101,6 +101,27 @@ class ClusterSettings(BaseModel):
             "longer blocks its schedule (its worker may have died)."
         ),
     )
+    stale_threshold: float = Field(
+        2.0,
+        gt=1,
+        description=(
+            "Health: a singleton is stale when its last execution is older than this many "
+            "times its expected interval (a cron function: its next run is overdue by "
+            "stale_grace)."
+        ),
+    )
+    stale_grace: float = Field(
+        30.0,
+        ge=0,
+        description="Health: seconds after a leader starts before missing heartbeats count.",
+    )
+    health_token: str = Field(
+        "",
+        description=(
+            "Health endpoint and metrics: a bearer token that unlocks detail for non-staff "
+            "callers (monitoring). Empty: only staff see detail."
+        ),
+    )
     beat_refresh_interval: float = Field(
         5.0,
         gt=0,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -30,7 +31,7 @@ from django.db import connections
 from django.db.models import Count, F, Max
 from kombu.exceptions import OperationalError as BrokerError
 
-from cluster_singletons import context, deliveries, ledger
+from cluster_singletons import context, deliveries, health, ledger, metrics
 from cluster_singletons.clock import Clock, SystemClock
 from cluster_singletons.conf import ClusterSettings, get_settings
 from cluster_singletons.errors import describe
@@ -49,6 +50,9 @@ _OVERLAP_RECHECK = 1.0
 _MAX_BATCH = 5000
 _COUNT_CAP = 100_000
 _EPSILON = timedelta(microseconds=1)
+_HEARTBEAT_EVERY = 1.0
+#: A tick published later than this after it was due counts as late.
+_LATE = 1.0
 _Range = tuple[datetime, datetime, int]
 _BROKER_ERRORS = (BrokerError, ConnectionError, OSError)
 
@@ -92,6 +96,7 @@ class BeatEngine:
             self.clock.now()
         )
         self._upcoming: dict[int, datetime] = {}
+        self._next_heartbeat = self.clock.now()
         self._executor: ThreadPoolExecutor | None = None
 
     # -- hosting -----------------------------------------------------------------------
@@ -138,12 +143,25 @@ class BeatEngine:
             self._republish(leadership)
         if now >= self._next_delivery or (self._upcoming and min(self._upcoming.values()) <= now):
             self._deliver(now, leadership)
+        if now >= self._next_heartbeat:
+            self._heartbeat(now, leadership.term)
         wake = [self._next_refresh, self._next_pending, self._next_delivery]
         if self._heap:
             wake.append(self._heap[0][0])
         if self._upcoming:
             wake.append(min(self._upcoming.values()))
         return min(wake)
+
+    def _heartbeat(self, now: datetime, term: Term) -> None:
+        """The beat's own freshness: a leader whose loop hangs stops writing this."""
+        self._next_heartbeat = now + timedelta(seconds=_HEARTBEAT_EVERY)
+        health.record(
+            health.BEAT,
+            runner_id=term.runner_id,
+            epoch=term.epoch,
+            interval=self.settings.beat_refresh_interval,
+            using=self.using,
+        )
 
     def _pop_due(self, now: datetime) -> list[_Entry]:
         due: list[_Entry] = []
@@ -182,6 +200,10 @@ class BeatEngine:
             using=self.using,
             ttl=self.settings.lease_ttl,
         )
+        for row in rows:
+            if row.status == Run.Status.SKIPPED:
+                reason = "overlap" if row.reason.startswith("overlap") else "catch_up"
+                metrics.TICKS_SKIPPED.labels(row.schedule, reason).inc(row.ticks)
         pending = [r for r in rows if r.status == Run.Status.PENDING]
         for run in pending:
             opened = self._entries.get(run.schedule)
@@ -298,6 +320,11 @@ class BeatEngine:
                 )
                 break
             sent.append(run.id)
+            if run.kind == Run.Kind.SCHEDULED:
+                late = (self.clock.now() - run.tick).total_seconds()
+                metrics.DISPATCH_LATENESS.observe(late)
+                if late > _LATE:
+                    metrics.TICKS_LATE.labels(run.schedule).inc()
         ledger.mark_published(sent, using=self.using)
         published = set(sent)
         self._after_publish([r for r in runs if r.id in published])
@@ -315,7 +342,7 @@ class BeatEngine:
         message = ledger.message(run)
         with context.within_cluster(**fields):
             if entry is not None and entry.schedule.fn is not None:
-                self._call(entry.schedule, run)
+                self._call(entry.schedule, run, term)
                 return
             options = dict(message.get("options") or {})
             self.app.send_task(
@@ -328,7 +355,7 @@ class BeatEngine:
                 **options,
             )
 
-    def _call(self, schedule: Schedule, run: Run) -> None:
+    def _call(self, schedule: Schedule, run: Run, term: Term) -> None:
         """Run an in-runner ``@cron`` function in the leader's pool, reporting its end."""
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="cron")
@@ -338,15 +365,26 @@ class BeatEngine:
 
         def call() -> None:
             token = context.activate(ctx)
-            status = Run.Status.SUCCEEDED
+            status, error = Run.Status.SUCCEEDED, None
+            started = time.monotonic()
             try:
                 ledger.report(run.task_id, Run.Status.STARTED, using=self.using)
                 fn(run)
-            except Exception:
-                status = Run.Status.FAILED
+            except Exception as exc:
+                status, error = Run.Status.FAILED, describe(exc)
+                metrics.ERRORS.labels(schedule.name, type(exc).__name__).inc()
                 logger.exception("cron %s failed for tick %s", schedule.key, run.tick.isoformat())
             finally:
                 ledger.report(run.task_id, status, using=self.using)
+                health.record(
+                    schedule.key,
+                    runner_id=term.runner_id,
+                    epoch=term.epoch,
+                    interval=0.0,
+                    error=error,
+                    duration=time.monotonic() - started,
+                    using=self.using,
+                )
                 context.deactivate(token)
                 connections.close_all()
 
@@ -479,6 +517,7 @@ class BeatEngine:
     def _flag(self, schedules: list[Schedule], now: datetime, term: Term) -> None:
         for schedule in schedules:
             logger.error("schedule %s cannot run: %s", schedule.key, schedule.problem)
+            metrics.SCHEDULE_ERRORS.labels(schedule.key).inc()
         ScheduleRecord.objects.using(self.using).bulk_create(
             [ScheduleRecord(key=s.key, problem=s.problem) for s in schedules],
             update_conflicts=True,

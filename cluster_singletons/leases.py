@@ -115,6 +115,7 @@ def acquire(
                 acquired_at=Now(),
                 renewed_at=Now(),
                 expires_at=_expires_in(ttl),
+                handoff_requested=False,
             )
         )
         if not changed:
@@ -126,19 +127,31 @@ def acquire(
 def renew(runner_id: int, terms: Iterable[Term], *, ttl: float, using: str) -> set[str]:
     """Extend every unexpired lease of ``terms`` still held at its epoch; return their names.
 
-    - A term missing from the result is over (expired, taken, or released): its holder
-      must step down.
+    - A term missing from the result is over (expired, taken, released, or an operator
+      asked for a handoff): its holder must step down.
     - One UPDATE for all terms, so renewal cost does not grow with round trips.
     """
     terms = list(terms)
     if not terms:
         return set()
     same_term = functools.reduce(operator.or_, (Q(name=t.name, epoch=t.epoch) for t in terms))
-    held = Lease.objects.using(using).filter(same_term, holder_id=runner_id)
+    held = Lease.objects.using(using).filter(
+        same_term, holder_id=runner_id, handoff_requested=False
+    )
     with transaction.atomic(using=using):
         held.filter(expires_at__gt=Now()).update(renewed_at=Now(), expires_at=_expires_in(ttl))
         # Rows we just renewed are locked by us; unrenewed ones have already expired.
         return set(held.filter(expires_at__gt=Now()).values_list("name", flat=True))
+
+
+def request_handoff(name: str, *, using: str) -> bool:
+    """Ask the holder of lease ``name`` to hand it off: its next renewal leaves it out, so it
+    steps down, stops its work and releases the lease for a standby. False if nobody leads."""
+    return bool(
+        Lease.objects.using(using)
+        .filter(name=name, holder__isnull=False, expires_at__gt=Now())
+        .update(handoff_requested=True)
+    )
 
 
 def _same_terms(terms: list[Term]) -> Q:
@@ -165,7 +178,7 @@ def release(runner_id: int, *, using: str, terms: Iterable[Term] | None = None) 
         if not released:
             return []
         Lease.objects.using(using).filter(name__in=released).update(
-            holder_id=None, expires_at=Now()
+            holder_id=None, expires_at=Now(), handoff_requested=False
         )
         if connections[using].vendor == "postgresql":
             with connections[using].cursor() as cursor:

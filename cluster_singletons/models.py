@@ -50,6 +50,9 @@ class Lease(models.Model):
     acquired_at = models.DateTimeField(null=True, blank=True)
     renewed_at = models.DateTimeField(null=True, blank=True)
     expires_at = models.DateTimeField(null=True, blank=True)
+    handoff_requested = models.BooleanField(
+        default=False, help_text="An operator asked the holder to hand this lease off."
+    )
 
     def __str__(self) -> str:
         return f"lease {self.name!r} (epoch {self.epoch})"
@@ -262,3 +265,24 @@ class Delivery(models.Model):
 
     def __str__(self) -> str:
         return f"delivery {self.id} of {self.task} at {self.due_at.isoformat()} ({self.status})"
+
+
+class Heartbeat(models.Model):
+    """The last sign of progress of one singleton, ``@cron`` function or the beat.
+
+    Written after every execution (and by ``ctx.heartbeat()``) with the database's clock;
+    health statuses are computed from it, the lease and the expected interval.
+    """
+
+    name = models.CharField(max_length=200, primary_key=True, help_text="The lease or schedule.")
+    runner_id = models.BigIntegerField(null=True, blank=True)
+    epoch = models.BigIntegerField(null=True, blank=True)
+    expected_interval = models.FloatField(help_text="Seconds between executions, at most.")
+    beat_at = models.DateTimeField(null=True, blank=True, help_text="Last successful execution.")
+    executions = models.BigIntegerField(default=0)
+    failures = models.BigIntegerField(default=0)
+    last_error = models.TextField(blank=True, default="")
+    failed_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"heartbeat of {self.name!r}"

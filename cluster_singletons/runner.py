@@ -29,7 +29,7 @@ from typing import Literal
 
 from django.db import DatabaseError, InterfaceError, connections
 
-from cluster_singletons import leases, placement, runners
+from cluster_singletons import leases, metrics, placement, runners
 from cluster_singletons.backoff import Backoff
 from cluster_singletons.clock import Clock, SystemClock
 from cluster_singletons.conf import ClusterSettings, get_settings
@@ -288,7 +288,9 @@ class Runner:
                 if slot.name in kept:
                     slot.believed_until = sent_at + self._belief_window
                 else:
-                    self._step_down(slot, "renewal found the lease expired or taken")
+                    self._step_down(slot, "renewal found the lease expired, taken or handed off")
+                    # A handoff asked for must go to someone else: stay away a while.
+                    slot.next_acquire = now + _HANDOFF_COOLDOWN * self.settings.renew_interval
             if self._placed_prefix is not None:
                 self._view = View(
                     held=runners.live_view(
@@ -338,6 +340,8 @@ class Runner:
             )
             slot.next_acquire = now + self._poll_interval(slot)
             if term is not None:
+                metrics.LEADER_CHANGES.labels(slot.name).inc()
+                metrics.LEADING.labels(slot.name).set(1)
                 self._count_placed(slot, +1)
                 slot.term, slot.believed_until, slot.crashes = (
                     term,
@@ -453,6 +457,7 @@ class Runner:
             reason,
         )
         slot.stop_event.set()
+        metrics.LEADING.labels(slot.name).set(0)
         self._count_placed(slot, -1)
         self._unreleased.append(slot.term)
         slot.term, slot.restart_at = None, None

@@ -23,14 +23,15 @@ import functools
 import inspect
 import json
 import logging
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from django.db import connections
+from django.db import DatabaseError, connections
 from pydantic import BaseModel
 
-from cluster_singletons import context, leases, schema
+from cluster_singletons import context, health, leases, metrics, schema
 from cluster_singletons.backoff import Backoff
 from cluster_singletons.conf import get_settings
 from cluster_singletons.errors import (
@@ -38,6 +39,7 @@ from cluster_singletons.errors import (
     SingletonConfigError,
     SingletonError,
     UnknownSingleton,
+    describe,
 )
 from cluster_singletons.models import StepRecord
 from cluster_singletons.runner import Leadership, LeaderWork
@@ -46,6 +48,7 @@ from cluster_singletons.state import StateStore
 logger = logging.getLogger("cluster_singletons.singletons")
 
 LEASE_PREFIX = "singleton:"
+STATE_REASONS = frozenset({"StateLoadFailed", "StatePersistFailed", "SchemaDecodeFailed"})
 M = TypeVar("M", bound=BaseModel)
 Hook = Callable[["SingletonContext[Any]"], Any]
 
@@ -185,10 +188,31 @@ class SingletonContext(Generic[M]):
         return self._state
 
     def heartbeat(self) -> None:
-        """Record that the singleton is alive and making progress."""
-        import time
+        """Record that the singleton is alive and making progress (in the database at most
+        once a second; ``HeartbeatFailed`` is logged and counted, never raised)."""
+        now = time.monotonic()
+        if self.last_heartbeat is not None and now - self.last_heartbeat < 1.0:
+            return
+        self.last_heartbeat = now
+        self._record()
 
-        self.last_heartbeat = time.time()
+    def _record(self, error: str | None = None, duration: float | None = None) -> None:
+        term = self._leadership.term
+        try:
+            health.record(
+                self.spec.lease,
+                runner_id=term.runner_id,
+                epoch=term.epoch,
+                interval=self.spec.interval,
+                error=error,
+                duration=duration,
+                using=self.store.using,
+            )
+        except DatabaseError as exc:
+            metrics.ERRORS.labels(self.name, "HeartbeatFailed").inc()
+            logger.warning(
+                "singleton %r: %s", self.name, SingletonError("HeartbeatFailed", self.name, exc)
+            )
 
     def step(self, name: str, fn: Callable[[], Any], *, run: str | None = None) -> Any:
         """Run ``fn`` once per (singleton, run, ``name``) across leaders; return its result.
@@ -269,11 +293,13 @@ class SingletonDriver:
         settings = get_settings()
         backoff = Backoff(initial=settings.retry_backoff, maximum=settings.retry_backoff_max)
         while ctx.running:
+            started = time.monotonic()
             try:
                 _call(self.spec.fn, ctx)
             except LeadershipLost:
                 raise
             except SingletonError as exc:
+                self._failed(ctx, exc.reason, describe(exc), started)
                 if not exc.retryable:
                     logger.error("singleton %r stopped for this term: %s", self.spec.name, exc)
                     ctx.sleep(None)
@@ -281,18 +307,26 @@ class SingletonDriver:
                 logger.warning(
                     "singleton %r: %s; retrying in %.1fs", self.spec.name, exc, backoff.delay
                 )
-            except Exception:
+            except Exception as exc:
+                self._failed(ctx, type(exc).__name__, describe(exc), started)
                 logger.exception(
                     "singleton %r raised; retrying in %.1fs", self.spec.name, backoff.delay
                 )
             else:
-                ctx.heartbeat()
+                ctx.last_heartbeat = time.monotonic()
+                ctx._record(duration=ctx.last_heartbeat - started)
                 backoff = backoff.reset()
                 ctx.sleep(self.spec.interval)
                 continue
             ctx._state = None  # reload: the failure may have left the cache ahead of the row
             ctx.sleep(backoff.delay)
             backoff = backoff.failed()
+
+    def _failed(self, ctx: SingletonContext[Any], reason: str, text: str, started: float) -> None:
+        metrics.ERRORS.labels(self.spec.name, reason).inc()
+        if reason in STATE_REASONS:
+            metrics.STATE_ERRORS.labels(self.spec.name, reason).inc()
+        ctx._record(error=f"{reason}: {text}", duration=time.monotonic() - started)
 
 
 def _call(fn: Callable[..., Any], ctx: SingletonContext[Any]) -> Any:

@@ -1,0 +1,120 @@
+"""Prometheus metrics (prometheus-client), named by Prometheus conventions.
+
+Two kinds:
+
+- **Process metrics**, updated where things happen (executions, errors, leader changes,
+  dispatches). Under Celery prefork or gunicorn, set ``PROMETHEUS_MULTIPROC_DIR`` and the
+  ``/metrics`` view aggregates every process's files. Gauge modes are chosen on purpose:
+  the last-execution timestamp keeps the ``max`` over processes (the newest execution
+  anywhere on the host), the leading flag the ``liveall`` sum per live process.
+- **Cluster metrics**, read from the database when scraped (``ClusterCollector``): runners,
+  healthy runners, singletons led, pending intents and deliveries, heartbeat ages. They are
+  the same whichever process serves the scrape, so they are never multiplied by processes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+logger = logging.getLogger("cluster_singletons.metrics")
+
+EXECUTION_SECONDS = Histogram(
+    "cluster_singleton_execution_duration_seconds",
+    "Duration of one execution of a singleton function or @cron run.",
+    ["singleton"],
+)
+EXECUTIONS = Counter(
+    "cluster_singleton_executions_total",
+    "Executions of a singleton function or @cron run that completed.",
+    ["singleton"],
+)
+ERRORS = Counter(
+    "cluster_singleton_errors_total",
+    "Failed executions, by singleton and reason (SingletonError reason or exception type).",
+    ["singleton", "reason"],
+)
+STATE_ERRORS = Counter(
+    "cluster_singleton_state_errors_total",
+    "State load/persist/decode failures, by singleton and reason.",
+    ["singleton", "reason"],
+)
+LAST_EXECUTION = Gauge(
+    "cluster_singleton_last_execution_timestamp_seconds",
+    "Unix time of the last completed execution (or ctx.heartbeat()).",
+    ["singleton"],
+    multiprocess_mode="max",
+)
+LEADER_CHANGES = Counter(
+    "cluster_leader_changes_total",
+    "Leaderships this process took (a new epoch of a lease).",
+    ["lease"],
+)
+LEADING = Gauge(
+    "cluster_leading",
+    "1 while this process leads the lease.",
+    ["lease"],
+    multiprocess_mode="liveall",
+)
+DISPATCH_LATENESS = Histogram(
+    "cluster_beat_dispatch_lateness_seconds",
+    "Publish time minus scheduled time of each dispatched tick.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+TICKS_SKIPPED = Counter(
+    "cluster_beat_ticks_skipped_total",
+    "Ticks recorded as skipped by policy (catch-up horizon, overlap), by schedule.",
+    ["schedule", "reason"],
+)
+TICKS_LATE = Counter(
+    "cluster_beat_ticks_late_total",
+    "Ticks dispatched more than a second after they were due, by schedule.",
+    ["schedule"],
+)
+SCHEDULE_ERRORS = Counter(
+    "cluster_beat_schedule_errors_total",
+    "Schedules flagged as unable to run (bad expression, unknown task...).",
+    ["schedule"],
+)
+
+
+class ClusterCollector(Collector):
+    """Cluster figures read from the database at scrape time; a failed read yields no
+    samples (and a log line) rather than an error page."""
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        from django.db import DatabaseError
+
+        from cluster_singletons import health
+
+        try:
+            report = health.cluster_health(detail=True)
+        except DatabaseError as exc:
+            logger.warning("cluster metrics unavailable: %s", exc)
+            return
+        for name, value, text in (
+            ("cluster_runners", report.runners, "Registered runners seen within the lease TTL."),
+            ("cluster_runners_healthy", report.runners_healthy, "Live runners not stopping."),
+            ("cluster_singletons_led", report.led, "Singletons with a current leader."),
+            ("cluster_beat_pending_intents", report.pending_intents, "Ledger intents unpublished."),
+            (
+                "cluster_pending_deliveries",
+                report.pending_deliveries,
+                "Delayed deliveries waiting.",
+            ),
+            ("cluster_healthy", int(report.healthy), "1 when every check passes."),
+        ):
+            yield GaugeMetricFamily(name, text, value=value)
+        age = GaugeMetricFamily(
+            "cluster_heartbeat_age_seconds",
+            "Seconds since the last heartbeat (the beat: its last pass).",
+            labels=["name", "status"],
+        )
+        for item in report.items:
+            if item.age is not None:
+                age.add_metric([item.name, item.status], item.age)
+        yield age
