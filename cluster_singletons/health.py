@@ -209,7 +209,7 @@ def _database_now(using: str) -> datetime:
 
     connection = connections[using]
     with connection.cursor() as cursor:
-        cursor.execute(f"SELECT {now_sql(connection)}")
+        cursor.execute(f"SELECT {now_sql(connection)}", [])  # params: %% becomes %
         value: datetime | str = cursor.fetchone()[0]
     if isinstance(value, str):  # SQLite returns text
         value = datetime.fromisoformat(value)

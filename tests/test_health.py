@@ -1,0 +1,166 @@
+"""Health statuses with an injected clock, the probe and metrics endpoints, permissions."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.contrib.auth.models import User
+from django.test import Client
+
+from cluster_singletons import health, singletons
+from cluster_singletons.models import Heartbeat, Lease, Runner
+from project.demo.localcluster import ROOT
+
+pytestmark = [pytest.mark.db, pytest.mark.django_db(transaction=True)]
+
+NOW = datetime(2026, 6, 1, 12, 0, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def watched() -> Iterator[None]:
+    """Only our singleton is registered while the test runs."""
+    saved = dict(singletons._registry)
+    singletons._registry.clear()
+    singletons.singleton("watched", interval=10)(lambda ctx: None)
+    yield
+    singletons._registry.clear()
+    singletons._registry.update(saved)
+
+
+def _lead(name: str, *, since: datetime) -> Runner:
+    runner = Runner.objects.create(host="h", pid=1, kind="runcluster")
+    Runner.objects.filter(pk=runner.pk).update(last_seen=NOW)
+    Lease.objects.update_or_create(
+        name=name,
+        defaults={
+            "holder": runner,
+            "epoch": 3,
+            "acquired_at": since,
+            "expires_at": NOW + timedelta(hours=1),
+        },
+    )
+    return runner
+
+
+def _status(now: datetime = NOW) -> dict[str, str]:
+    return {i.name: i.status for i in health.cluster_health(now=now).items}
+
+
+def _beat(seconds_ago: float | None, failed_ago: float | None = None) -> None:
+    Heartbeat.objects.update_or_create(
+        name="singleton:watched",
+        defaults={
+            "expected_interval": 10,
+            "beat_at": None if seconds_ago is None else NOW - timedelta(seconds=seconds_ago),
+            "failed_at": None if failed_ago is None else NOW - timedelta(seconds=failed_ago),
+            "last_error": "" if failed_ago is None else "ValueError: boom",
+        },
+    )
+
+
+@pytest.mark.usefixtures("watched")
+def test_statuses_follow_the_clock() -> None:
+    assert _status() == {"singleton:watched": health.NOT_LED}
+    _lead("singleton:watched", since=NOW - timedelta(seconds=5))
+    assert _status() == {"singleton:watched": health.NEVER}, "within the grace period"
+    assert _status(NOW + timedelta(seconds=31))["singleton:watched"] == health.STALE
+    _beat(5)
+    assert _status()["singleton:watched"] == health.HEALTHY
+    assert _status(NOW + timedelta(seconds=14.9))["singleton:watched"] == health.HEALTHY
+    assert _status(NOW + timedelta(seconds=40))["singleton:watched"] == health.STALE
+    _beat(5, failed_ago=1)
+    report = health.cluster_health(now=NOW)
+    (item,) = report.items
+    assert (item.status, item.last_error) == (health.FAILED, "ValueError: boom")
+    assert not report.healthy
+    _beat(0.5, failed_ago=1)
+    assert _status()["singleton:watched"] == health.HEALTHY, "a later success clears it"
+
+
+@pytest.mark.usefixtures("watched")
+def test_a_recorded_execution_counts_and_stamps_database_time() -> None:
+    runner = _lead("singleton:watched", since=datetime.now(UTC))
+    health.record("singleton:watched", runner_id=runner.pk, epoch=3, interval=10)
+    health.record("singleton:watched", runner_id=runner.pk, epoch=3, interval=10, error="E: x")
+    row = Heartbeat.objects.get()
+    assert (row.executions, row.failures, row.last_error) == (1, 1, "E: x")
+    assert row.beat_at is not None and abs(row.beat_at - datetime.now(UTC)) < timedelta(minutes=1)
+
+
+@pytest.mark.usefixtures("watched")
+def test_ready_shows_detail_only_to_staff_or_the_token(settings: Any) -> None:
+    settings.CLUSTER_SINGLETONS = {"health_token": "s3cret"}
+    anonymous = Client().get("/cluster/health/ready")
+    assert anonymous.status_code == 503
+    assert anonymous.json() == {"status": "unhealthy"}
+    with_token = Client().get("/cluster/health/ready", HTTP_AUTHORIZATION="Bearer s3cret")
+    assert with_token.json()["checks"][0]["status"] == health.NOT_LED
+    assert (
+        "checks"
+        not in Client().get("/cluster/health/ready", HTTP_AUTHORIZATION="Bearer wrong").json()
+    )
+    staff = Client()
+    staff.force_login(User.objects.create_user("ops", is_staff=True))
+    assert "checks" in staff.get("/cluster/health/ready").json()
+    assert Client().get("/cluster/health/live").json() == {"status": "ok"}
+    assert Client().get("/cluster/metrics").status_code == 401
+    scraped = Client().get("/cluster/metrics", HTTP_AUTHORIZATION="Bearer s3cret")
+    assert b"cluster_runners " in scraped.content
+
+
+_DOWN = """
+import django, json, os
+django.setup()
+from django.test import Client
+response = Client().get("/cluster/health/ready")
+print(response.status_code, json.dumps(response.json()))
+print(Client().get("/cluster/health/live").status_code)
+"""
+
+
+def test_ready_answers_503_when_the_database_is_down() -> None:
+    """A real process whose database server refuses connections."""
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "project.settings",
+        "DATABASE_URL": "postgres://postgres@127.0.0.1:1/nowhere",
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", _DOWN], cwd=ROOT, env=env, check=True, capture_output=True
+    ).stdout.decode()
+    assert out.splitlines() == ['503 {"status": "unavailable"}', "200"]
+
+
+_CHILD = """
+import django, os
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
+django.setup()
+from cluster_singletons import metrics
+metrics.EXECUTIONS.labels("multi").inc()
+metrics.LAST_EXECUTION.labels("multi").set({stamp})
+"""
+
+
+def test_metrics_aggregate_processes_in_multiprocess_mode(tmp_path: Path) -> None:
+    folder = tmp_path / "prom"
+    folder.mkdir()
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(folder)}
+    for stamp in (100, 200):
+        subprocess.run(
+            [sys.executable, "-c", _CHILD.format(stamp=stamp)], cwd=ROOT, env=env, check=True
+        )
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
+    try:
+        text = Client().get("/cluster/metrics").content.decode()
+    finally:
+        del os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    assert 'cluster_singleton_executions_total{singleton="multi"} 2.0' in text
+    assert 'cluster_singleton_last_execution_timestamp_seconds{singleton="multi"} 200.0' in text
+    assert "cluster_runners_healthy" in text
