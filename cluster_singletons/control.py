@@ -1,4 +1,5 @@
-"""Operator actions on schedules: find, preview, run now, pause/resume, backfill, prune.
+"""Operator actions: on schedules (find, preview, run now, pause/resume, backfill, prune)
+and on singletons (show, reset, edit or import state, hand off leadership).
 
 These write what the leading beat acts on (ledger intents, pause flags) and never talk
 to the broker themselves: a manual or backfilled run is a ``pending`` ledger row that the
@@ -9,15 +10,18 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from celery import current_app
 from django.db.models import Q
+from pydantic import BaseModel
 
-from cluster_singletons import ledger
+from cluster_singletons import leases, ledger, singletons
 from cluster_singletons.conf import get_settings
 from cluster_singletons.errors import ScheduleInvalid, UnknownSchedule
-from cluster_singletons.models import Run, ScheduleRecord
+from cluster_singletons.models import Run, ScheduleRecord, StateRecord
 from cluster_singletons.schedules import Schedule, load_all
+from cluster_singletons.state import StateStore
 from cluster_singletons.timetables import Cron, Timetable, preview, zone
 
 #: A backfill larger than this is refused: split the range.
@@ -186,3 +190,38 @@ def _record(intents: list[ledger.Intent]) -> list[Run]:
     return ledger.record(
         intents, last_ticks={}, term=None, using=settings.database, ttl=settings.lease_ttl
     )
+
+
+# -- singletons --------------------------------------------------------------------------
+
+
+def singleton_store(name: str) -> StateStore[Any]:
+    """The unfenced state store of singleton ``name`` (``UnknownSingleton`` if undeclared)."""
+    spec = singletons.get(name)
+    return StateStore(spec.lease, spec.state, owner=spec.name)
+
+
+def state_row(name: str) -> StateRecord | None:
+    store = singleton_store(name)
+    return StateRecord.objects.using(store.using).filter(key=store.key).first()
+
+
+def reset_state(name: str, note: str = "") -> None:
+    """Delete singleton ``name``'s state (kept in history); its next load gives defaults."""
+    singleton_store(name).reset(note or "reset by an operator")
+
+
+def import_state(name: str, text: str, note: str = "") -> BaseModel:
+    """Replace singleton ``name``'s state with the JSON ``text``, validated against its
+    model first (``pydantic.ValidationError``: nothing is written)."""
+    store = singleton_store(name)
+    value: BaseModel = store.model.model_validate_json(text)
+    store.edit(value, note or "edited by an operator")
+    return value
+
+
+def handoff(name: str) -> bool:
+    """Ask the leader of ``name`` (a singleton, or ``beat``) to hand off; False if none leads."""
+    lease = name if name == "beat" else singletons.get(name).lease
+    settings = get_settings()
+    return leases.request_handoff(settings.key_prefix + lease, using=settings.database)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from django.db import DatabaseError, InterfaceError, connections, transaction
+from django.db.models.functions import Now
 from pydantic import BaseModel
 
 from cluster_singletons import leases, schema
@@ -165,6 +166,29 @@ class StateStore(Generic[M]):
                 self._keep(row, StateHistory.Reason.RESET, note)
             StateRecord.objects.using(self.using).filter(key=self.key).delete()
         self.version = 0
+
+    def edit(self, value: M, note: str = "") -> None:
+        """An operator's replacement of the stored value (admin, ``singleton_state import``):
+        unfenced, the old row kept in history, a quarantine lifted. ``value`` is already a
+        validated instance of the model, stored at the model's schema version."""
+        with self._transaction():
+            row = StateRecord.objects.using(self.using).select_for_update().filter(key=self.key)
+            old = row.first()
+            if old is not None:
+                self._keep(old, StateHistory.Reason.EDIT, note)
+            StateRecord.objects.using(self.using).update_or_create(
+                key=self.key,
+                defaults={
+                    "value": value.model_dump_json(),
+                    "schema_version": schema.version_of(self.model),
+                    "version": (old.version if old else 0) + 1,
+                    "status": StateRecord.Status.OK,
+                    "problem": "",
+                    "updated_at": Now(),
+                    "updated_epoch": None,
+                },
+            )
+        self.version = None  # a running leader's next save conflicts and reloads
 
     def _write(self, value: M, *, expected: int) -> None:
         """Compare-and-swap write in one statement, fenced when the store is bound to a term.

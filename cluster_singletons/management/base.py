@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 from django.core.management.base import CommandError
 
-from cluster_singletons.errors import ClusterSingletonsError, UnknownSchedule
+from cluster_singletons.errors import ClusterSingletonsError, UnknownSchedule, UnknownSingleton
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -21,7 +21,7 @@ def clear_errors(handle: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return handle(*args, **kwargs)
-        except UnknownSchedule as exc:
+        except (UnknownSchedule, UnknownSingleton) as exc:
             raise CommandError(str(exc), returncode=2) from exc
         except (ClusterSingletonsError, ValueError) as exc:
             raise CommandError(str(exc)) from exc

@@ -1,0 +1,70 @@
+"""``python manage.py cluster_status [--json]``."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandParser
+
+from cluster_singletons import health
+from cluster_singletons.conf import get_settings
+from cluster_singletons.management.base import clear_errors
+from cluster_singletons.models import Lease, Runner
+
+
+class Command(BaseCommand):
+    help = (
+        "Show the cluster: health of every singleton, @cron function and the beat (status, "
+        "leader, epoch, heartbeat age, last error), the runners and the leases. Exits 0 when "
+        "healthy, 1 when not. --json prints the same as the health endpoint's detail."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--json", action="store_true", help="Machine-readable output.")
+
+    @clear_errors
+    def handle(self, *args: Any, **options: Any) -> None:
+        db = get_settings().database
+        report = health.cluster_health()
+        runners: list[dict[str, Any]] = [
+            dict(row)
+            for row in Runner.objects.using(db)
+            .order_by("id")
+            .values("id", "host", "pid", "kind", "started_at", "last_seen", "stopping")
+        ]
+        leases: list[dict[str, Any]] = [
+            dict(row)
+            for row in Lease.objects.using(db)
+            .order_by("name")
+            .values("name", "holder_id", "epoch", "expires_at", "handoff_requested")
+        ]
+        if options["json"]:
+            body = {**report.as_dict(detail=True), "runners": runners, "leases": leases}
+            self.stdout.write(json.dumps(body, default=str, indent=2))
+        else:
+            self._table(report, runners, leases)
+        if not report.healthy:
+            raise SystemExit(1)
+
+    def _table(
+        self, report: health.Report, runners: list[dict[str, Any]], leases: list[dict[str, Any]]
+    ) -> None:
+        say = self.stdout.write
+        say(f"cluster: {'healthy' if report.healthy else 'UNHEALTHY'}")
+        say(f"{'NAME':32} {'STATUS':15} {'LEADER':>6} {'EPOCH':>6} {'AGE s':>8}  LAST ERROR")
+        for item in report.items:
+            age = f"{item.age:.1f}" if item.age is not None else "-"
+            say(
+                f"{item.name:32} {item.status:15} {item.leader or '-':>6} "
+                f"{item.epoch or '-':>6} {age:>8}  {item.last_error[:60]}"
+            )
+        say(f"\nrunners ({report.runners_healthy} healthy of {report.runners} live):")
+        for r in runners:
+            stopping = " stopping" if r["stopping"] else ""
+            where = f"{r['host']}:{r['pid']}"
+            say(f"  {r['id']:>4} {r['kind']:10} {where} seen {r['last_seen']}{stopping}")
+        say("\nleases:")
+        for lease in leases:
+            holder = lease["holder_id"] or "-"
+            say(f"  {lease['name']:32} holder {holder:>4} epoch {lease['epoch']:>5}")

@@ -1,0 +1,65 @@
+"""``python manage.py singleton_state show|export|import NAME [FILE]``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+from pydantic import ValidationError
+
+from cluster_singletons import control
+from cluster_singletons.management.base import clear_errors
+
+
+class Command(BaseCommand):
+    help = (
+        "show NAME: the stored state with its versions and status; export NAME [FILE]: the "
+        "value as JSON (stdout by default); import NAME FILE ('-' for stdin): replace the "
+        "value after validating it against the singleton's model (nothing is written if it "
+        "is invalid; the old value goes to history). Unknown names exit 2."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("action", choices=["show", "export", "import"])
+        parser.add_argument("name", help="The singleton's name.")
+        parser.add_argument("file", nargs="?", help="export: output file; import: input file.")
+        parser.add_argument("--note", default="", help="import: why, kept with the history.")
+
+    @clear_errors
+    def handle(self, *args: Any, **options: Any) -> None:
+        action, name, file = options["action"], options["name"], options["file"]
+        if action == "import":
+            if not file:
+                raise ValueError("import needs a FILE (or '-' for stdin)")
+            text = sys.stdin.read() if file == "-" else Path(file).read_text()
+            try:
+                imported = control.import_state(name, text, options["note"])
+            except ValidationError as exc:
+                raise CommandError(f"refused, nothing was written: {exc}") from exc
+            self.stdout.write(f"imported into {name!r}: {imported.model_dump_json()}")
+            return
+        row = control.state_row(name)
+        value = row.value if row else control.singleton_store(name).model().model_dump_json()
+        if action == "export":
+            if file:
+                Path(file).write_text(value + "\n")
+            else:
+                self.stdout.write(value)
+            return
+        if row is None:
+            self.stdout.write(f"{name}: nothing stored (defaults) {value}")
+            return
+        shown = {
+            "key": row.key,
+            "version": row.version,
+            "schema_version": row.schema_version,
+            "status": row.status,
+            "problem": row.problem,
+            "updated_at": row.updated_at,
+            "updated_epoch": row.updated_epoch,
+            "value": row.value,
+        }
+        self.stdout.write(json.dumps(shown, default=str, indent=2))

@@ -1,0 +1,115 @@
+"""The operator commands on singletons and the cluster: output, exit statuses, bad input."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from io import StringIO
+from typing import Any
+
+import pytest
+from django.core.management import CommandError, call_command
+from pydantic import BaseModel
+
+from cluster_singletons import leases, runners, singletons
+from cluster_singletons.models import Lease, StateHistory, StateRecord
+from cluster_singletons.state import StateStore
+
+pytestmark = [pytest.mark.db, pytest.mark.django_db(transaction=True)]
+
+
+class Progress(BaseModel):
+    cursor: int = 0
+
+
+@pytest.fixture
+def progress() -> Iterator[StateStore[Progress]]:
+    saved = dict(singletons._registry)
+    singletons._registry.clear()
+    singletons.singleton("progress", state=Progress, interval=10)(lambda ctx: None)
+    store = StateStore("singleton:progress", Progress)
+    store.load()
+    store.save(Progress(cursor=7))
+    yield store
+    singletons._registry.clear()
+    singletons._registry.update(saved)
+
+
+def _call(*args: str, **kwargs: Any) -> str:
+    out = StringIO()
+    call_command(*args, stdout=out, stderr=StringIO(), **kwargs)
+    return out.getvalue()
+
+
+def _exit_status(*args: str) -> int:
+    with pytest.raises(SystemExit) as stopped:
+        _call(*args)
+    return int(stopped.value.code or 0)
+
+
+@pytest.mark.usefixtures("progress")
+def test_cluster_status_table_json_and_exit_status() -> None:
+    assert _exit_status("cluster_status") == 1, "nobody leads 'progress': unhealthy"
+    with pytest.raises(SystemExit):
+        call_command("cluster_status", "--json", stdout=(out := StringIO()))
+    body = json.loads(out.getvalue())
+    assert body["status"] == "unhealthy"
+    assert body["checks"][0]["name"] == "singleton:progress"
+    assert body["checks"][0]["status"] == "not_led"
+
+
+def test_unknown_singletons_exit_2() -> None:
+    for args in (
+        ("singleton_reset", "nope", "--yes"),
+        ("singleton_state", "show", "nope"),
+        ("cluster_handoff", "nope"),
+    ):
+        with pytest.raises(CommandError, match="no singleton named 'nope'") as failed:
+            _call(*args)
+        assert failed.value.returncode == 2
+
+
+def test_reset_asks_and_keeps_history(
+    progress: StateStore[Progress], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("builtins.input", lambda prompt: "n")
+    assert _exit_status("singleton_reset", "progress") == 1
+    assert StateRecord.objects.filter(key="singleton:progress").exists(), "nothing changed"
+    out = _call("singleton_reset", "progress", "--yes", "--note", "bad data")
+    assert "is in history" in out
+    assert not StateRecord.objects.filter(key="singleton:progress").exists()
+    kept = StateHistory.objects.get(key="singleton:progress", reason="reset")
+    assert (json.loads(kept.value), kept.note) == ({"cursor": 7}, "bad data")
+    assert progress.load() == Progress()
+
+
+@pytest.mark.usefixtures("progress")
+def test_state_show_export_and_a_validated_import(tmp_path: Any) -> None:
+    shown = json.loads(_call("singleton_state", "show", "progress"))
+    assert (shown["version"], json.loads(shown["value"])) == (1, {"cursor": 7})
+    assert json.loads(_call("singleton_state", "export", "progress")) == {"cursor": 7}
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"cursor": "many"}')
+    with pytest.raises(CommandError, match="refused, nothing was written"):
+        _call("singleton_state", "import", "progress", str(bad))
+    assert json.loads(StateRecord.objects.get().value) == {"cursor": 7}
+    good = tmp_path / "good.json"
+    good.write_text('{"cursor": 42}')
+    _call("singleton_state", "import", "progress", str(good), "--note", "restore")
+    row = StateRecord.objects.get()
+    assert (json.loads(row.value), row.version) == ({"cursor": 42}, 2)
+    assert StateHistory.objects.filter(reason="edit", note="restore").count() == 1
+
+
+@pytest.mark.usefixtures("progress")
+def test_handoff_is_refused_without_a_leader_and_ends_the_term_with_one() -> None:
+    assert _exit_status("cluster_handoff", "progress") == 1
+    leases.ensure(["singleton:progress"], using="default")
+    runner = runners.register(host="h", pid=1, kind="runcluster", using="default")
+    term = leases.acquire("singleton:progress", runner, ttl=30, using="default")
+    assert term is not None
+    assert "requested" in _call("cluster_handoff", "progress")
+    assert Lease.objects.get(name="singleton:progress").handoff_requested
+    assert leases.renew(runner, [term], ttl=30, using="default") == set(), "holder steps down"
+    leases.release(runner, using="default", terms=[term])
+    assert not Lease.objects.get(name="singleton:progress").handoff_requested
