@@ -79,16 +79,17 @@ def run_now(name: str, *, note: str = "") -> Run:
 
 def pause(name: str, note: str) -> None:
     """Stop dispatching ``name`` (its ticks pass without runs) until ``resume``."""
-    key = find(name).key
-    ScheduleRecord.objects.using(get_settings().database).update_or_create(
-        key=key, defaults={"paused": True, "pause_note": note}
-    )
+    set_paused(find(name).key, note)
 
 
 def resume(name: str) -> None:
-    key = find(name).key
-    ScheduleRecord.objects.using(get_settings().database).filter(key=key).update(
-        paused=False, pause_note=""
+    set_paused(find(name).key, None)
+
+
+def set_paused(key: str, note: str | None) -> None:
+    """Pause schedule ``key`` with ``note`` saying why, or resume it (``None``)."""
+    ScheduleRecord.objects.using(get_settings().database).update_or_create(
+        key=key, defaults={"paused": note is not None, "pause_note": note or ""}
     )
 
 

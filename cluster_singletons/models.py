@@ -286,3 +286,11 @@ class Heartbeat(models.Model):
 
     def __str__(self) -> str:
         return f"heartbeat of {self.name!r}"
+
+
+class ClusterHealth(Heartbeat):
+    """The admin's cluster health dashboard (no table of its own)."""
+
+    class Meta:
+        proxy = True
+        verbose_name = verbose_name_plural = "cluster health"

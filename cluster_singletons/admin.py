@@ -1,0 +1,284 @@
+"""Django admin: a cluster health dashboard and pages to oversee and operate the cluster.
+
+Every operation is a Django permission on the model it changes and is written to the
+admin log: hand off (``change_lease``), reset state (``delete_staterecord``), edit state
+(``change_staterecord``, validated against the singleton's model before saving), run now,
+pause and resume (``change_schedulerecord``), cancel a delivery (``change_delivery``).
+Registries, leases, the ledger and heartbeats are otherwise read-only: the runners write
+them.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from django import forms
+from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied, ValidationError
+from django.db.models import QuerySet
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.template.response import TemplateResponse
+from django.urls import reverse
+from pydantic import ValidationError as ModelInvalid
+
+from cluster_singletons import control, health, schedules, singletons
+from cluster_singletons.errors import ClusterSingletonsError, DeliveryNotCancellable
+from cluster_singletons.models import (
+    ClusterHealth,
+    Delivery,
+    Lease,
+    Run,
+    Runner,
+    ScheduleRecord,
+    StateHistory,
+    StateRecord,
+)
+from cluster_singletons.timetables import preview
+
+if TYPE_CHECKING:  # generic in the stubs only
+    ModelAdmin = admin.ModelAdmin[Any]
+    ModelForm = forms.ModelForm[StateRecord]
+else:
+    ModelAdmin = admin.ModelAdmin
+    ModelForm = forms.ModelForm
+
+
+class ReadOnly(ModelAdmin):
+    """Rows the runners write: visible, never added or edited by hand."""
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(Runner)
+class RunnerAdmin(ReadOnly):
+    list_display = ("id", "kind", "host", "pid", "started_at", "last_seen", "stopping")
+    list_filter = ("kind", "stopping")
+
+
+@admin.register(Lease)
+class LeaseAdmin(ReadOnly):
+    list_display = ("name", "holder", "epoch", "acquired_at", "expires_at", "handoff_requested")
+    search_fields = ("name",)
+    actions = ("hand_off",)
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        # The action needs it; the form stays read-only (no field is editable).
+        return obj is None and request.user.has_perm("cluster_singletons.change_lease")
+
+    @admin.action(description="Hand off leadership", permissions=["change"])
+    def hand_off(self, request: HttpRequest, queryset: QuerySet[Lease]) -> None:
+        for lease in queryset:
+            if lease.holder_id is None:
+                self.message_user(request, f"nobody leads {lease.name}", messages.WARNING)
+                continue
+            from cluster_singletons.leases import request_handoff
+
+            request_handoff(lease.name, using=queryset.db)
+            self.log_change(request, lease, f"Requested a handoff from runner {lease.holder_id}")
+            self.message_user(request, f"handoff of {lease.name} requested")
+
+
+class StateForm(ModelForm):
+    value = forms.CharField(widget=forms.Textarea(attrs={"rows": 12, "cols": 90}))
+    note = forms.CharField(required=False, help_text="Why (kept with the old value in history).")
+
+    class Meta:
+        model = StateRecord
+        fields = ("value",)
+
+    def clean_value(self) -> str:
+        name = self.instance.key.removeprefix("singleton:")
+        try:
+            store = control.singleton_store(name)
+        except ClusterSingletonsError as exc:
+            raise ValidationError(str(exc)) from exc
+        try:
+            store.model.model_validate_json(self.cleaned_data["value"])
+        except ModelInvalid as exc:
+            raise ValidationError(f"not a valid {store.model.__name__}: {exc}") from exc
+        return str(self.cleaned_data["value"])
+
+
+@admin.register(StateRecord)
+class StateRecordAdmin(ModelAdmin):
+    form = StateForm
+    list_display = ("key", "status", "version", "schema_version", "updated_at", "updated_epoch")
+    list_filter = ("status",)
+    search_fields = ("key",)
+    readonly_fields = ("key", "status", "problem", "version", "schema_version", "updated_at")
+    actions = ("reset",)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def save_model(self, request: HttpRequest, obj: StateRecord, form: Any, change: bool) -> None:
+        name = obj.key.removeprefix("singleton:")
+        note = form.cleaned_data.get("note") or f"edited in the admin by {request.user}"
+        control.import_state(name, form.cleaned_data["value"], note)
+
+    def delete_model(self, request: HttpRequest, obj: StateRecord) -> None:
+        control.reset_state(obj.key.removeprefix("singleton:"), f"deleted by {request.user}")
+
+    @admin.action(
+        description="Reset state (the old value is kept in history)", permissions=["delete"]
+    )
+    def reset(self, request: HttpRequest, queryset: QuerySet[StateRecord]) -> None:
+        for row in queryset:
+            control.reset_state(row.key.removeprefix("singleton:"), f"reset by {request.user}")
+            self.log_change(request, row, "Reset the state (old value kept in history)")
+            self.message_user(request, f"reset {row.key}")
+
+
+@admin.register(StateHistory)
+class StateHistoryAdmin(ReadOnly):
+    list_display = ("key", "reason", "version", "schema_version", "recorded_at", "note")
+    list_filter = ("reason",)
+    search_fields = ("key",)
+
+
+@admin.register(Run)
+class RunAdmin(ReadOnly):
+    list_display = ("schedule", "tick", "status", "kind", "ticks", "task", "published_at")
+    list_filter = ("status", "kind")
+    search_fields = ("schedule", "task_id")
+    date_hierarchy = "tick"
+
+
+@admin.register(ScheduleRecord)
+class ScheduleRecordAdmin(ModelAdmin):
+    list_display = ("key", "paused", "pause_note", "last_tick", "overlap", "problem")
+    list_filter = ("paused",)
+    search_fields = ("key",)
+    fields = (
+        "key",
+        "paused",
+        "pause_note",
+        "skip_if_older_than",
+        "overlap",
+        "last_tick",
+        "problem",
+    )
+    readonly_fields = ("key", "last_tick", "problem")
+    actions = ("pause", "resume", "run_now")
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def save_model(
+        self, request: HttpRequest, obj: ScheduleRecord, form: Any, change: bool
+    ) -> None:
+        if obj.paused and not obj.pause_note:
+            obj.pause_note = f"paused in the admin by {request.user}"
+        super().save_model(request, obj, form, change)
+
+    @admin.action(description="Pause (ticks pass without runs)", permissions=["change"])
+    def pause(self, request: HttpRequest, queryset: QuerySet[ScheduleRecord]) -> None:
+        for record in queryset:
+            control.set_paused(record.key, f"paused in the admin by {request.user}")
+            self.log_change(request, record, "Paused")
+        self.message_user(request, f"paused {queryset.count()} schedule(s)")
+
+    @admin.action(description="Resume", permissions=["change"])
+    def resume(self, request: HttpRequest, queryset: QuerySet[ScheduleRecord]) -> None:
+        for record in queryset:
+            control.set_paused(record.key, None)
+            self.log_change(request, record, "Resumed")
+        self.message_user(request, f"resumed {queryset.count()} schedule(s)")
+
+    @admin.action(description="Run now (recorded in the ledger as manual)", permissions=["change"])
+    def run_now(self, request: HttpRequest, queryset: QuerySet[ScheduleRecord]) -> None:
+        for record in queryset:
+            try:
+                run = control.run_now(record.key, note=f"run now by {request.user}")
+            except ClusterSingletonsError as exc:
+                self.message_user(request, str(exc), messages.ERROR)
+                continue
+            self.log_change(request, record, f"Run now: ledger run {run.id}")
+            self.message_user(request, f"{record.key}: manual run {run.id} recorded")
+
+
+@admin.register(Delivery)
+class DeliveryAdmin(ReadOnly):
+    list_display = ("id", "task", "due_at", "status", "created_at", "done_at")
+    list_filter = ("status",)
+    search_fields = ("task",)
+    actions = ("cancel",)
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return obj is None and request.user.has_perm("cluster_singletons.change_delivery")
+
+    @admin.action(description="Cancel (only pending deliveries)", permissions=["change"])
+    def cancel(self, request: HttpRequest, queryset: QuerySet[Delivery]) -> None:
+        from cluster_singletons.deliveries import cancel
+
+        for delivery in queryset:
+            try:
+                cancel(delivery.id, using=queryset.db)
+            except DeliveryNotCancellable as exc:
+                self.message_user(request, str(exc), messages.WARNING)
+                continue
+            self.log_change(request, delivery, "Cancelled")
+            self.message_user(request, f"cancelled delivery {delivery.id}")
+
+
+@admin.register(ClusterHealth)
+class DashboardAdmin(ReadOnly):
+    """The cluster health dashboard, with the hand-off operation per singleton."""
+
+    def changelist_view(self, request: HttpRequest, extra_context: Any = None) -> HttpResponse:
+        if request.method == "POST":
+            return self._operate(request)
+        report = health.cluster_health()
+        leases = {lease.name: lease for lease in Lease.objects.select_related("holder")}
+        crons = {s.key: s for s in schedules.crons()}
+        now = datetime.now(UTC)
+        rows = []
+        for item in report.items:
+            cron = crons.get(item.name)
+            upcoming = preview(cron.timetable, 3, after=now) if cron and cron.timetable else []
+            rows.append({"item": item, "next_runs": upcoming})
+        runners = list(Runner.objects.order_by("id"))
+        held: dict[int, list[str]] = {}
+        for lease in leases.values():
+            if lease.holder_id is not None:
+                held.setdefault(lease.holder_id, []).append(lease.name)
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "Cluster health",
+            "report": report,
+            "rows": rows,
+            "runners": [(r, sorted(held.get(r.id, []))) for r in runners],
+            "changes": Lease.objects.exclude(acquired_at=None).order_by("-acquired_at")[:10],
+            "can_hand_off": request.user.has_perm("cluster_singletons.change_lease"),
+            "now": now,
+            "opts": self.model._meta,
+        }
+        return TemplateResponse(request, "admin/cluster_singletons/dashboard.html", context)
+
+    def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return bool(request.user.is_active and request.user.is_staff)
+
+    def _operate(self, request: HttpRequest) -> HttpResponse:
+        if not request.user.has_perm("cluster_singletons.change_lease"):
+            raise PermissionDenied
+        name = request.POST.get("hand_off", "")
+        lease = Lease.objects.filter(name=name).first()
+        label = name.removeprefix(singletons.LEASE_PREFIX)
+        if lease is None or not control.handoff(label):
+            self.message_user(
+                request, f"nobody leads {name}; nothing to hand off", messages.WARNING
+            )
+        else:
+            LeaseAdmin(Lease, self.admin_site).log_change(
+                request, lease, f"Requested a handoff from runner {lease.holder_id}"
+            )
+            self.message_user(request, f"handoff of {name} requested")
+        return HttpResponseRedirect(reverse("admin:cluster_singletons_clusterhealth_changelist"))

@@ -1,0 +1,119 @@
+"""The admin: dashboard, pages, operations behind permissions, written to the admin log."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+from django.contrib.admin.models import LogEntry
+from django.contrib.auth.models import Permission, User
+from django.test import Client
+from pydantic import BaseModel
+
+from cluster_singletons import leases, runners, singletons
+from cluster_singletons.models import Lease, ScheduleRecord, StateHistory, StateRecord
+from cluster_singletons.state import StateStore
+
+pytestmark = [pytest.mark.db, pytest.mark.django_db(transaction=True)]
+
+
+class Progress(BaseModel):
+    cursor: int = 0
+
+
+@pytest.fixture(autouse=True)
+def progress() -> Iterator[None]:
+    saved = dict(singletons._registry)
+    singletons._registry.clear()
+    singletons.singleton("progress", state=Progress, interval=10)(lambda ctx: None)
+    store = StateStore("singleton:progress", Progress)
+    store.load()
+    store.save(Progress(cursor=7))
+    leases.ensure(["singleton:progress"], using="default")
+    runner = runners.register(host="node-a", pid=4242, kind="runcluster", using="default")
+    leases.acquire("singleton:progress", runner, ttl=60, using="default")
+    yield
+    singletons._registry.clear()
+    singletons._registry.update(saved)
+
+
+def _client(*perms: str, superuser: bool = False) -> Client:
+    user = User.objects.create_user(f"u{User.objects.count()}", is_staff=True)
+    user.is_superuser = superuser
+    user.save()
+    for codename in perms:
+        user.user_permissions.add(Permission.objects.get(codename=codename))
+    client = Client()
+    client.force_login(user)
+    return client
+
+
+def test_dashboard_shows_each_singleton_and_runner() -> None:
+    page = _client().get("/admin/cluster_singletons/clusterhealth/")
+    assert page.status_code == 200
+    html = page.content.decode()
+    assert 'data-name="singleton:progress"' in html
+    assert "cs-never_executed" in html, "led, no heartbeat yet, within the grace period"
+    assert "node-a:4242" in html
+    assert "Hand off" not in html, "no change_lease permission, no button"
+
+
+def test_anonymous_and_non_staff_get_nothing() -> None:
+    assert Client().get("/admin/cluster_singletons/clusterhealth/").status_code == 302
+    plain = User.objects.create_user("plain")
+    client = Client()
+    client.force_login(plain)
+    assert client.get("/admin/cluster_singletons/clusterhealth/").status_code == 302
+    response = client.post(
+        "/admin/cluster_singletons/clusterhealth/", {"hand_off": "singleton:progress"}
+    )
+    assert response.status_code == 302 and not Lease.objects.get().handoff_requested
+
+
+def test_hand_off_needs_the_permission_and_is_logged() -> None:
+    url = "/admin/cluster_singletons/clusterhealth/"
+    assert _client().post(url, {"hand_off": "singleton:progress"}).status_code == 403
+    assert not Lease.objects.get(name="singleton:progress").handoff_requested
+    operator = _client("change_lease")
+    assert "Hand off" in operator.get(url).content.decode()
+    operator.post(url, {"hand_off": "singleton:progress"})
+    assert Lease.objects.get(name="singleton:progress").handoff_requested
+    assert LogEntry.objects.get().change_message.startswith("Requested a handoff from runner")
+
+
+def test_state_edit_is_validated_and_keeps_history() -> None:
+    url = "/admin/cluster_singletons/staterecord/singleton:progress/change/"
+    viewer = _client("view_staterecord")
+    assert viewer.post(url, {"value": '{"cursor": 9}'}).status_code == 403
+    editor = _client("view_staterecord", "change_staterecord")
+    refused = editor.post(url, {"value": '{"cursor": "lots"}'})
+    assert refused.status_code == 200 and "not a valid Progress" in refused.content.decode()
+    assert json.loads(StateRecord.objects.get().value) == {"cursor": 7}
+    assert editor.post(url, {"value": '{"cursor": 9}', "note": "fix"}).status_code == 302
+    assert json.loads(StateRecord.objects.get().value) == {"cursor": 9}
+    assert StateHistory.objects.get(reason="edit").note == "fix"
+    assert LogEntry.objects.count() == 1
+
+
+def test_reset_pause_resume_and_run_now_actions() -> None:
+    changelist = "/admin/cluster_singletons/staterecord/"
+    action = {"action": "reset", "_selected_action": ["singleton:progress"]}
+    _client("view_staterecord").post(changelist, action)
+    assert StateRecord.objects.exists(), "no delete permission: the action is not offered"
+    _client("view_staterecord", "delete_staterecord").post(changelist, action)
+    assert not StateRecord.objects.exists()
+    assert StateHistory.objects.filter(reason="reset").count() == 1
+
+    ScheduleRecord.objects.create(key="beat:nightly")
+    schedules_url = "/admin/cluster_singletons/schedulerecord/"
+    pause = {"action": "pause", "_selected_action": ["beat:nightly"]}
+    _client("view_schedulerecord").post(schedules_url, pause)
+    assert not ScheduleRecord.objects.get().paused
+    operator = _client("view_schedulerecord", "change_schedulerecord")
+    operator.post(schedules_url, pause)
+    record = ScheduleRecord.objects.get()
+    assert record.paused and record.pause_note.startswith("paused in the admin by")
+    operator.post(schedules_url, {"action": "resume", "_selected_action": ["beat:nightly"]})
+    assert not ScheduleRecord.objects.get().paused
+    assert LogEntry.objects.filter(change_message__in=["Paused", "Resumed"]).count() == 2
