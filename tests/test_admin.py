@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from django.contrib.admin.models import LogEntry
@@ -12,7 +14,14 @@ from django.test import Client
 from pydantic import BaseModel
 
 from cluster_singletons import leases, runners, singletons
-from cluster_singletons.models import Lease, ScheduleRecord, StateHistory, StateRecord
+from cluster_singletons.models import (
+    Delivery,
+    Lease,
+    Run,
+    ScheduleRecord,
+    StateHistory,
+    StateRecord,
+)
 from cluster_singletons.state import StateStore
 
 pytestmark = [pytest.mark.db, pytest.mark.django_db(transaction=True)]
@@ -117,3 +126,37 @@ def test_reset_pause_resume_and_run_now_actions() -> None:
     operator.post(schedules_url, {"action": "resume", "_selected_action": ["beat:nightly"]})
     assert not ScheduleRecord.objects.get().paused
     assert LogEntry.objects.filter(change_message__in=["Paused", "Resumed"]).count() == 2
+
+
+def test_run_now_cancel_and_lease_hand_off_actions_need_their_permissions(
+    settings: Any,
+) -> None:
+    from celery import current_app
+
+    current_app.conf.beat_schedule = {"ping": {"task": "demo.ping", "schedule": 3600}}
+    try:
+        ScheduleRecord.objects.create(key="beat:ping")
+        run_now = {"action": "run_now", "_selected_action": ["beat:ping"]}
+        url = "/admin/cluster_singletons/schedulerecord/"
+        _client("view_schedulerecord").post(url, run_now)
+        assert not Run.objects.exists()
+        _client("view_schedulerecord", "change_schedulerecord").post(url, run_now)
+        assert Run.objects.get().kind == Run.Kind.MANUAL
+    finally:
+        current_app.conf.beat_schedule = {}
+
+    delivery = Delivery.objects.create(
+        id=1, task="demo.ping", message="{}", due_at=datetime.now(UTC) + timedelta(hours=1)
+    )
+    cancel = {"action": "cancel", "_selected_action": [str(delivery.id)]}
+    _client("view_delivery").post("/admin/cluster_singletons/delivery/", cancel)
+    assert Delivery.objects.get().status == Delivery.Status.PENDING
+    _client("view_delivery", "change_delivery").post("/admin/cluster_singletons/delivery/", cancel)
+    assert Delivery.objects.get().status == Delivery.Status.CANCELLED
+
+    hand_off = {"action": "hand_off", "_selected_action": ["singleton:progress"]}
+    _client("view_lease").post("/admin/cluster_singletons/lease/", hand_off)
+    assert not Lease.objects.get(name="singleton:progress").handoff_requested
+    _client("view_lease", "change_lease").post("/admin/cluster_singletons/lease/", hand_off)
+    assert Lease.objects.get(name="singleton:progress").handoff_requested
+    assert LogEntry.objects.count() == 3

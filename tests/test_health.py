@@ -164,3 +164,24 @@ def test_metrics_aggregate_processes_in_multiprocess_mode(tmp_path: Path) -> Non
     assert 'cluster_singleton_executions_total{singleton="multi"} 2.0' in text
     assert 'cluster_singleton_last_execution_timestamp_seconds{singleton="multi"} 200.0' in text
     assert "cluster_runners_healthy" in text
+
+
+def test_a_cron_function_is_stale_when_its_next_run_is_overdue() -> None:
+    from cluster_singletons import schedules
+
+    saved = dict(singletons._registry)
+    singletons._registry.clear()
+    schedules.cron("hourly", "0 * * * *")(lambda run: None)
+    try:
+        _lead("beat", since=NOW - timedelta(hours=3))
+        Heartbeat.objects.create(
+            name="cron:hourly", expected_interval=0, beat_at=NOW - timedelta(minutes=50)
+        )
+        statuses = {i.name: i.status for i in health.cluster_health(now=NOW).items}
+        assert statuses["cron:hourly"] == health.HEALTHY, "ran at 11:10; 12:00 is due just now"
+        later = NOW + timedelta(seconds=31)
+        statuses = {i.name: i.status for i in health.cluster_health(now=later).items}
+        assert statuses["cron:hourly"] == health.STALE, "12:00 is overdue by more than stale_grace"
+    finally:
+        schedules._crons.pop("cron:hourly")
+        singletons._registry.update(saved)
