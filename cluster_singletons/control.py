@@ -126,7 +126,9 @@ def backfill(name: str, start: datetime, end: datetime) -> tuple[int, int]:
     ]
     recorded = _record(intents) if intents else []
     taken = {r.tick for r in recorded}
-    revived = _revive_skipped([i for i in intents if i.tick not in taken])
+    revived = ledger.revive_skipped(
+        [i for i in intents if i.tick not in taken], using=get_settings().database
+    )
     done = len(recorded) + revived
     return done, len(ticks) - done
 
@@ -162,28 +164,6 @@ def _covered(key: str, start: datetime, end: datetime) -> list[tuple[datetime, d
         .values_list("first_tick", "tick")
     )
     return [(first or tick, tick) for first, tick in rows]
-
-
-def _revive_skipped(intents: list[ledger.Intent]) -> int:
-    """Turn the skipped rows that hold these ticks into runs to dispatch."""
-    revived = 0
-    for intent in intents:
-        row = intent.row(epoch=None)
-        revived += (
-            Run.objects.using(get_settings().database)
-            .filter(schedule=intent.schedule, tick=intent.tick, status=Run.Status.SKIPPED)
-            .update(
-                status=row.status,
-                kind=row.kind,
-                reason=row.reason,
-                task=row.task,
-                task_id=row.task_id,
-                message=row.message,
-                first_tick=None,
-                ticks=1,
-            )
-        )
-    return revived
 
 
 def _record(intents: list[ledger.Intent]) -> list[Run]:

@@ -57,10 +57,12 @@ class Intent:
     options: dict[str, Any] = field(default_factory=dict)
 
     def row(self, epoch: int | None) -> Run:
+        return Run(schedule=self.schedule, tick=self.tick, **self.fields(epoch))
+
+    def fields(self, epoch: int | None) -> dict[str, Any]:
+        """The row's columns besides its identity (``schedule``, ``tick``)."""
         dispatches = self.status == Run.Status.PENDING
-        return Run(
-            schedule=self.schedule,
-            tick=self.tick,
+        return dict(
             first_tick=self.first_tick,
             ticks=self.ticks,
             kind=self.kind,
@@ -76,6 +78,17 @@ class Intent:
             else "",
             epoch=epoch,
         )
+
+
+def revive_skipped(intents: Iterable[Intent], *, using: str) -> int:
+    """Turn the ``skipped`` rows holding these intents' ticks into the intents (a backfill
+    of skipped ticks); returns how many rows changed."""
+    return sum(
+        Run.objects.using(using)
+        .filter(schedule=intent.schedule, tick=intent.tick, status=Run.Status.SKIPPED)
+        .update(**intent.fields(epoch=None))
+        for intent in intents
+    )
 
 
 def record(
