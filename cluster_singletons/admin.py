@@ -201,8 +201,8 @@ class ScheduleRecordAdmin(ModelAdmin):
             except ClusterSingletonsError as exc:
                 self.message_user(request, str(exc), messages.ERROR)
                 continue
-            self.log_change(request, record, f"Run now: ledger run {run.id}")
-            self.message_user(request, f"{record.key}: manual run {run.id} recorded")
+            self.log_change(request, record, f"Run now: ledger run {run.task_id}")
+            self.message_user(request, f"{record.key}: manual run {run.task_id} recorded")
 
 
 @admin.register(Delivery)

@@ -31,7 +31,7 @@ from django.db import connections
 from django.db.models import Count, F, Max
 from kombu.exceptions import OperationalError as BrokerError
 
-from cluster_singletons import context, deliveries, health, ledger, metrics
+from cluster_singletons import context, deliveries, health, ledger, metrics, schedules
 from cluster_singletons.clock import Clock, SystemClock
 from cluster_singletons.conf import ClusterSettings, get_settings
 from cluster_singletons.errors import describe
@@ -67,7 +67,7 @@ class _Entry:
     #: When this schedule next needs attention (its next tick, or an overlap recheck).
     due: datetime | None = None
     #: The last run dispatched and not yet known to have finished.
-    open_run: int | None = None
+    open_run: str | None = None
     open_since: datetime | None = None
     #: buffer_one: the ticks (first, last, count) waiting for the open run to finish.
     buffered: _Range | None = None
@@ -135,7 +135,8 @@ class BeatEngine:
         """One pass at the clock's ``now``; returns when the next one is due."""
         now = self.clock.now()
         if now >= self._next_refresh:
-            self._load(now, full=now >= self._next_full, term=leadership.term)
+            full = now >= self._next_full and connections[self.using].vendor != "postgresql"
+            self._load(now, full=full, term=leadership.term)
         due = self._pop_due(now)
         if due:
             self._dispatch_due(due, now, leadership)
@@ -180,7 +181,12 @@ class BeatEngine:
     # -- planning ----------------------------------------------------------------------
 
     def _dispatch_due(self, due: list[_Entry], now: datetime, leadership: Leadership) -> None:
-        open_ids = [e.open_run for e in due if e.open_run is not None]
+        open_ids = [
+            e.open_run
+            for e in due
+            if e.open_run is not None
+            and (e.schedule.overlap or self.settings.overlap) != "allow_all"
+        ]
         done = ledger.finished(open_ids, using=self.using) if open_ids else set()
         intents: list[ledger.Intent] = []
         last_ticks: dict[str, datetime] = {}
@@ -208,7 +214,7 @@ class BeatEngine:
         for run in pending:
             opened = self._entries.get(run.schedule)
             if opened is not None:
-                opened.open_run, opened.open_since = run.id, now
+                opened.open_run, opened.open_since = run.task_id, now
         for entry in due:
             self._push(entry)
         self._publish(pending, leadership)
@@ -302,34 +308,43 @@ class BeatEngine:
 
     def _publish(self, runs: list[Run], leadership: Leadership) -> None:
         """Publish recorded intents while this term is believed; mark the sent ones."""
-        sent: list[int] = []
-        for run in runs:
-            if not leadership.running:
-                break  # deposed or stopping: the next leader publishes the rest
-            try:
-                self._send(run, leadership.term)
-            except _BROKER_ERRORS as exc:
-                logger.warning(
-                    "publishing %s for %s failed (%s); it stays pending and is retried",
-                    run.task_id,
-                    run.schedule,
-                    describe(exc),
-                )
-                self._next_pending = self.clock.now() + timedelta(
-                    seconds=self.settings.retry_backoff_max
-                )
-                break
-            sent.append(run.id)
-            if run.kind == Run.Kind.SCHEDULED:
-                late = (self.clock.now() - run.tick).total_seconds()
-                metrics.DISPATCH_LATENESS.observe(late)
-                if late > _LATE:
-                    metrics.TICKS_LATE.labels(run.schedule).inc()
+        if not runs:
+            return
+        sent: list[str] = []
+        with self.app.producer_or_acquire() as producer:  # one connection for the batch
+            for run in runs:
+                if not leadership.running:
+                    break  # deposed or stopping: the next leader publishes the rest
+                if not self._sent(run, leadership.term, producer):
+                    break
+                sent.append(run.task_id)
         ledger.mark_published(sent, using=self.using)
         published = set(sent)
-        self._after_publish([r for r in runs if r.id in published])
+        self._after_publish([r for r in runs if r.task_id in published])
 
-    def _send(self, run: Run, term: Term) -> None:
+    def _sent(self, run: Run, term: Term, producer: Any) -> bool:
+        """Publish one run; False (logged, retried later) if the broker refused it."""
+        try:
+            self._send(run, term, producer)
+        except _BROKER_ERRORS as exc:
+            logger.warning(
+                "publishing %s for %s failed (%s); it stays pending and is retried",
+                run.task_id,
+                run.schedule,
+                describe(exc),
+            )
+            self._next_pending = self.clock.now() + timedelta(
+                seconds=self.settings.retry_backoff_max
+            )
+            return False
+        if run.kind == Run.Kind.SCHEDULED:
+            late = (self.clock.now() - run.tick).total_seconds()
+            metrics.DISPATCH_LATENESS.observe(late)
+            if late > _LATE:
+                metrics.TICKS_LATE.labels(run.schedule).inc()
+        return True
+
+    def _send(self, run: Run, term: Term, producer: Any) -> None:
         fields = {
             "runner": term.runner_id,
             "is_leader": True,
@@ -350,6 +365,7 @@ class BeatEngine:
                 args=message.get("args") or (),
                 kwargs=message.get("kwargs") or {},
                 task_id=run.task_id,
+                producer=producer,
                 retry=True,
                 retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.5},
                 **options,
@@ -479,10 +495,18 @@ class BeatEngine:
             self._flag(problems, now, term)
 
     def _source_signature(self) -> object:
+        """Changes when django-celery-beat's schedules change. On PostgreSQL it is a digest
+        of every defining column, computed by the server, so bulk ``update()``s are seen
+        too and nothing is reread otherwise; elsewhere a cheap summary, completed by the
+        full reread every minute."""
         if not apps.is_installed("django_celery_beat"):
             return None
         from django_celery_beat.models import PeriodicTask, PeriodicTasks
 
+        if connections[self.using].vendor == "postgresql":
+            with connections[self.using].cursor() as cursor:
+                cursor.execute(schedules.periodic_digest_sql())
+                return cursor.fetchone()
         stats = PeriodicTask.objects.using(self.using).aggregate(
             n=Count("id"), changed=Max("date_changed")
         )
@@ -507,12 +531,12 @@ class BeatEngine:
             .filter(created_at__gte=since)
             .exclude(status__in=Run.FINISHED)
             .order_by("id")
-            .values_list("id", "schedule", "created_at")
+            .values_list("task_id", "schedule", "created_at")
         )
-        for run_id, key, created in rows:
+        for task_id, key, created in rows:
             entry = self._entries.get(key)
             if entry is not None:
-                entry.open_run, entry.open_since = run_id, created
+                entry.open_run, entry.open_since = task_id, created
 
     def _flag(self, schedules: list[Schedule], now: datetime, term: Term) -> None:
         for schedule in schedules:

@@ -13,6 +13,7 @@ everything else. Nothing here touches the broker.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -375,3 +376,25 @@ def _aware(value: datetime | None) -> datetime | None:
 
 def crons() -> Iterable[Schedule]:
     return _crons.values()
+
+
+@functools.cache
+def periodic_digest_sql() -> str:
+    """PostgreSQL: one row that changes whenever any column deciding what or when
+    django-celery-beat's tasks run changes (``last_run_at`` and the run count excluded)."""
+    from django_celery_beat.models import (
+        ClockedSchedule,
+        CrontabSchedule,
+        IntervalSchedule,
+        PeriodicTask,
+        SolarSchedule,
+    )
+
+    skipped = {"last_run_at", "total_run_count", "date_changed", "description"}
+    columns = [f.column for f in PeriodicTask._meta.concrete_fields if f.name not in skipped]
+    row = "concat_ws('|', " + ", ".join(f'"{c}"' for c in columns) + ")"
+    parts = [f"(SELECT md5(string_agg({row}, ',' ORDER BY id)) FROM {PeriodicTask._meta.db_table})"]
+    for model in (CrontabSchedule, IntervalSchedule, SolarSchedule, ClockedSchedule):
+        table = model._meta.db_table
+        parts.append(f"(SELECT md5(string_agg(t::text, ',' ORDER BY t.id)) FROM {table} t)")
+    return "SELECT " + ", ".join(parts)

@@ -35,4 +35,4 @@ class Command(BaseCommand):
             self.stdout.write(f"resumed {name}")
         else:
             run = control.run_now(name, note=note)
-            self.stdout.write(f"recorded manual run {run.id} (task id {run.task_id})")
+            self.stdout.write(f"recorded manual run {run.task_id} of {run.schedule}")
