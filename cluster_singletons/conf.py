@@ -122,6 +122,14 @@ class ClusterSettings(BaseModel):
             "callers (monitoring). Empty: only staff see detail."
         ),
     )
+    beat_batch_window: float = Field(
+        0.02,
+        ge=0,
+        description=(
+            "The leading beat waits at least this long between passes, so ticks falling due "
+            "close together are recorded in one transaction (adds at most this to lateness)."
+        ),
+    )
     beat_refresh_interval: float = Field(
         5.0,
         gt=0,

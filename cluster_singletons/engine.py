@@ -51,6 +51,8 @@ _MAX_BATCH = 5000
 _COUNT_CAP = 100_000
 _EPSILON = timedelta(microseconds=1)
 _HEARTBEAT_EVERY = 1.0
+#: Published runs are marked in chunks of this many.
+_MARK_EVERY = 200
 #: A tick published later than this after it was due counts as late.
 _LATE = 1.0
 _Range = tuple[datetime, datetime, int]
@@ -105,8 +107,10 @@ class BeatEngine:
         """Leader work for the ``beat`` lease: load, then step until the term ends."""
         self.start(leadership)
         try:
+            window = self.settings.beat_batch_window
             while leadership.running:
-                wake = self.step(leadership)
+                started = self.clock.now()
+                wake = max(self.step(leadership), started + timedelta(seconds=window))
                 delay = (wake - self.clock.now()).total_seconds()
                 if delay > 0:
                     leadership.sleep(delay)
@@ -209,7 +213,9 @@ class BeatEngine:
         for row in rows:
             if row.status == Run.Status.SKIPPED:
                 reason = "overlap" if row.reason.startswith("overlap") else "catch_up"
-                metrics.TICKS_SKIPPED.labels(row.schedule, reason).inc(row.ticks)
+                metrics.TICKS_SKIPPED.labels(metrics.schedule_label(row.schedule), reason).inc(
+                    row.ticks
+                )
         pending = [r for r in rows if r.status == Run.Status.PENDING]
         for run in pending:
             opened = self._entries.get(run.schedule)
@@ -310,17 +316,23 @@ class BeatEngine:
         """Publish recorded intents while this term is believed; mark the sent ones."""
         if not runs:
             return
-        sent: list[str] = []
+        sent: list[Run] = []
         with self.app.producer_or_acquire() as producer:  # one connection for the batch
             for run in runs:
                 if not leadership.running:
                     break  # deposed or stopping: the next leader publishes the rest
                 if not self._sent(run, leadership.term, producer):
                     break
-                sent.append(run.task_id)
-        ledger.mark_published(sent, using=self.using)
-        published = set(sent)
-        self._after_publish([r for r in runs if r.task_id in published])
+                sent.append(run)
+                if len(sent) >= _MARK_EVERY:  # a crash re-publishes at most this many
+                    self._mark(sent)
+                    sent = []
+        self._mark(sent)
+
+    def _mark(self, runs: list[Run]) -> None:
+        if runs:
+            ledger.mark_published([r.task_id for r in runs], using=self.using)
+            self._after_publish(runs)
 
     def _sent(self, run: Run, term: Term, producer: Any) -> bool:
         """Publish one run; False (logged, retried later) if the broker refused it."""
@@ -341,7 +353,7 @@ class BeatEngine:
             late = (self.clock.now() - run.tick).total_seconds()
             metrics.DISPATCH_LATENESS.observe(late)
             if late > _LATE:
-                metrics.TICKS_LATE.labels(run.schedule).inc()
+                metrics.TICKS_LATE.labels(metrics.schedule_label(run.schedule)).inc()
         return True
 
     def _send(self, run: Run, term: Term, producer: Any) -> None:
@@ -541,7 +553,7 @@ class BeatEngine:
     def _flag(self, schedules: list[Schedule], now: datetime, term: Term) -> None:
         for schedule in schedules:
             logger.error("schedule %s cannot run: %s", schedule.key, schedule.problem)
-            metrics.SCHEDULE_ERRORS.labels(schedule.key).inc()
+            metrics.SCHEDULE_ERRORS.labels(metrics.schedule_label(schedule.key)).inc()
         ScheduleRecord.objects.using(self.using).bulk_create(
             [ScheduleRecord(key=s.key, problem=s.problem) for s in schedules],
             update_conflicts=True,

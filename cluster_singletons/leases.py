@@ -25,7 +25,16 @@ from dataclasses import dataclass
 
 from django.db import NotSupportedError, connections, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
-from django.db.models import BooleanField, DateTimeField, ExpressionWrapper, F, Model, Q
+from django.db.models import (
+    BooleanField,
+    Case,
+    DateTimeField,
+    ExpressionWrapper,
+    F,
+    Model,
+    Q,
+    When,
+)
 from django.db.models.expressions import CombinedExpression, RawSQL
 from django.db.models.functions import Now
 from django.db.models.sql import Query
@@ -88,9 +97,19 @@ def _takeable(crash_detection: bool) -> Q:
     return free | Q(_holder_is_gone()) if crash_detection else free
 
 
-def takeable(names: Iterable[str], *, crash_detection: bool, using: str) -> set[str]:
+def _not_handed_off_by(runner_id: int, ttl: float) -> Q:
+    """A runner that handed a lease off leaves it to the others for a TTL."""
+    a_ttl_ago = ExpressionWrapper(Now() - dt.timedelta(seconds=ttl), output_field=DateTimeField())
+    return ~Q(handed_off_by=runner_id) | Q(expires_at__lte=a_ttl_ago)
+
+
+def takeable(
+    names: Iterable[str], *, runner_id: int, ttl: float, crash_detection: bool, using: str
+) -> set[str]:
     """Which of ``names`` ``acquire`` could take now (a read; the answer may be stale)."""
-    found = Lease.objects.using(using).filter(_takeable(crash_detection), name__in=list(names))
+    found = Lease.objects.using(using).filter(
+        _takeable(crash_detection), _not_handed_off_by(runner_id, ttl), name__in=list(names)
+    )
     return set(found.values_list("name", flat=True))
 
 
@@ -108,7 +127,7 @@ def acquire(
     with transaction.atomic(using=using):
         changed = (
             Lease.objects.using(using)
-            .filter(_takeable(crash_detection), name=name)
+            .filter(_takeable(crash_detection), _not_handed_off_by(runner_id, ttl), name=name)
             .update(
                 holder_id=runner_id,
                 epoch=F("epoch") + 1,
@@ -116,6 +135,7 @@ def acquire(
                 renewed_at=Now(),
                 expires_at=_expires_in(ttl),
                 handoff_requested=False,
+                handed_off_by=None,
             )
         )
         if not changed:
@@ -178,7 +198,11 @@ def release(runner_id: int, *, using: str, terms: Iterable[Term] | None = None) 
         if not released:
             return []
         Lease.objects.using(using).filter(name__in=released).update(
-            holder_id=None, expires_at=Now(), handoff_requested=False
+            holder_id=None,
+            expires_at=Now(),
+            handoff_requested=False,
+            # SQL reads the row as it was: the holder that is handing it off.
+            handed_off_by=Case(When(handoff_requested=True, then=F("holder_id")), default=None),
         )
         if connections[using].vendor == "postgresql":
             with connections[using].cursor() as cursor:

@@ -82,6 +82,21 @@ SCHEDULE_ERRORS = Counter(
 )
 
 
+#: Per-schedule series are kept for this many schedules per process; the rest share
+#: ``_other`` (100,000 schedules must not become 100,000 series: the ledger has the detail).
+SCHEDULE_LABELS = 200
+_labelled: set[str] = set()
+
+
+def schedule_label(key: str) -> str:
+    if key in _labelled:
+        return key
+    if len(_labelled) < SCHEDULE_LABELS:
+        _labelled.add(key)
+        return key
+    return "_other"
+
+
 class ClusterCollector(Collector):
     """Cluster figures read from the database at scrape time; a failed read yields no
     samples (and a log line) rather than an error page."""

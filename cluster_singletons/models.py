@@ -53,6 +53,11 @@ class Lease(models.Model):
     handoff_requested = models.BooleanField(
         default=False, help_text="An operator asked the holder to hand this lease off."
     )
+    handed_off_by = models.BigIntegerField(
+        null=True,
+        blank=True,
+        help_text="The runner that handed it off; it may take it back only a TTL later.",
+    )
 
     def __str__(self) -> str:
         return f"lease {self.name!r} (epoch {self.epoch})"

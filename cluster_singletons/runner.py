@@ -289,8 +289,6 @@ class Runner:
                     slot.believed_until = sent_at + self._belief_window
                 else:
                     self._step_down(slot, "renewal found the lease expired, taken or handed off")
-                    # A handoff asked for must go to someone else: stay away a while.
-                    slot.next_acquire = now + _HANDOFF_COOLDOWN * self.settings.renew_interval
             if self._placed_prefix is not None:
                 self._view = View(
                     held=runners.live_view(
@@ -313,9 +311,12 @@ class Runner:
     def _acquire_due(self, due: list[_Slot], now: float) -> None:
         """One read finds which due leases are takeable, so standing by costs one query per
         poll, not one per lease; only those are tried."""
+        assert self.runner_id is not None
         with self._db("poll") as attempt:
             free = leases.takeable(
                 [slot.name for slot in due],
+                runner_id=self.runner_id,
+                ttl=self.settings.lease_ttl,
                 crash_detection=self._liveness is not None,
                 using=self.using,
             )

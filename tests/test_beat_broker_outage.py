@@ -68,7 +68,11 @@ def server(tmp_path: Path) -> Iterator[RedisServer]:
     started.kill()
 
 
-def test_intents_wait_out_a_broker_outage_and_are_published_once(server: RedisServer) -> None:
+def test_intents_wait_out_a_broker_outage_and_are_published_once(
+    server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Celery prefers CELERY_BROKER_URL from the environment to an app's own broker.
+    monkeypatch.delenv("CELERY_BROKER_URL", raising=False)
     app = Celery("outage", broker=f"redis://127.0.0.1:{server.port}/0", set_as_current=False)
     app.conf.task_default_queue = "outage"
     app.conf.broker_connection_timeout = 1

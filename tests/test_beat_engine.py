@@ -36,7 +36,9 @@ T0 = datetime(2026, 3, 2, 12, 0, 0, tzinfo=UTC)
 
 
 @pytest.fixture
-def app() -> Iterator[Celery]:
+def app(monkeypatch: pytest.MonkeyPatch) -> Iterator[Celery]:
+    # Celery prefers CELERY_BROKER_URL from the environment to an app's own broker.
+    monkeypatch.delenv("CELERY_BROKER_URL", raising=False)
     app = Celery("beat-test", broker="memory://", set_as_current=False)
     app.conf.task_default_queue = "beat-test"
 

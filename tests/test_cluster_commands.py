@@ -112,4 +112,13 @@ def test_handoff_is_refused_without_a_leader_and_ends_the_term_with_one() -> Non
     assert Lease.objects.get(name="singleton:progress").handoff_requested
     assert leases.renew(runner, [term], ttl=30, using="default") == set(), "holder steps down"
     leases.release(runner, using="default", terms=[term])
-    assert not Lease.objects.get(name="singleton:progress").handoff_requested
+    lease = Lease.objects.get(name="singleton:progress")
+    assert (lease.handoff_requested, lease.handed_off_by) == (False, runner)
+    # It goes to another runner: the one that handed it off stays away for a TTL.
+    assert leases.acquire("singleton:progress", runner, ttl=30, using="default") is None
+    other = runners.register(host="h2", pid=2, kind="runcluster", using="default")
+    assert leases.takeable(
+        ["singleton:progress"], runner_id=other, ttl=30, crash_detection=False, using="default"
+    ) == {"singleton:progress"}
+    assert leases.acquire("singleton:progress", other, ttl=30, using="default") is not None
+    assert Lease.objects.get(name="singleton:progress").handed_off_by is None
