@@ -39,6 +39,7 @@ from django.db.models.expressions import CombinedExpression, RawSQL
 from django.db.models.functions import Now
 from django.db.models.sql import Query
 
+from cluster_singletons.conf import get_settings
 from cluster_singletons.errors import LeadershipLost
 from cluster_singletons.models import Lease, Runner
 
@@ -124,7 +125,7 @@ def acquire(
     - ``crash_detection`` (PostgreSQL only) also takes leases whose holder's liveness lock
       is no longer held, i.e. whose process or connection died.
     """
-    with transaction.atomic(using=using):
+    with bounded(using=using, ttl=ttl):
         changed = (
             Lease.objects.using(using)
             .filter(_takeable(crash_detection), _not_handed_off_by(runner_id, ttl), name=name)
@@ -158,7 +159,7 @@ def renew(runner_id: int, terms: Iterable[Term], *, ttl: float, using: str) -> s
     held = Lease.objects.using(using).filter(
         same_term, holder_id=runner_id, handoff_requested=False
     )
-    with transaction.atomic(using=using):
+    with bounded(using=using, ttl=ttl):
         held.filter(expires_at__gt=Now()).update(renewed_at=Now(), expires_at=_expires_in(ttl))
         # Rows we just renewed are locked by us; unrenewed ones have already expired.
         return set(held.filter(expires_at__gt=Now()).values_list("name", flat=True))
@@ -178,7 +179,9 @@ def _same_terms(terms: list[Term]) -> Q:
     return functools.reduce(operator.or_, (Q(name=t.name, epoch=t.epoch) for t in terms))
 
 
-def release(runner_id: int, *, using: str, terms: Iterable[Term] | None = None) -> list[str]:
+def release(
+    runner_id: int, *, using: str, terms: Iterable[Term] | None = None, ttl: float | None = None
+) -> list[str]:
     """Free the leases ``runner_id`` holds (all, or only ``terms``); return their names.
 
     - Only the named terms are released: a lease the runner has since taken again, at a
@@ -193,7 +196,7 @@ def release(runner_id: int, *, using: str, terms: Iterable[Term] | None = None) 
         if not terms:
             return []
         mine = mine.filter(_same_terms(terms))
-    with transaction.atomic(using=using):
+    with bounded(using=using, ttl=ttl or get_settings().lease_ttl):
         released = list(mine.select_for_update().values_list("name", flat=True))
         if not released:
             return []
@@ -212,6 +215,21 @@ def release(runner_id: int, *, using: str, terms: Iterable[Term] | None = None) 
 
 
 @contextmanager
+def bounded(*, using: str, ttl: float) -> Iterator[None]:
+    """A transaction that, on PostgreSQL, the server ends if its session sits idle inside
+    it for ``ttl`` (a paused process): the row locks it holds (a renewal's, an
+    acquisition's, a fenced write's) cannot block the other runners for longer."""
+    with transaction.atomic(using=using):
+        if connections[using].vendor == "postgresql":
+            with connections[using].cursor() as cursor:
+                cursor.execute(
+                    "SELECT set_config('idle_in_transaction_session_timeout', %s, true)",
+                    [str(max(1, int(ttl * 1000)))],
+                )
+        yield
+
+
+@contextmanager
 def fenced(term: Term, *, using: str, ttl: float) -> Iterator[None]:
     """A transaction that commits only while ``term`` is the current leadership term.
 
@@ -223,13 +241,7 @@ def fenced(term: Term, *, using: str, ttl: float) -> Iterator[None]:
       ended by the server after ``ttl``, so it cannot block the next leader for longer.
     - Keep the body short: it delays renewals of the same lease.
     """
-    with transaction.atomic(using=using):
-        if connections[using].vendor == "postgresql":
-            with connections[using].cursor() as cursor:
-                cursor.execute(
-                    "SELECT set_config('idle_in_transaction_session_timeout', %s, true)",
-                    [str(max(1, int(ttl * 1000)))],
-                )
+    with bounded(using=using, ttl=ttl):
         still_ours = (
             Lease.objects.using(using)
             .select_for_update(no_key=True)

@@ -191,3 +191,44 @@ def test_release_of_a_past_term_keeps_a_newer_term_of_the_same_runner(lease: str
     assert new is not None and new.epoch == old.epoch + 1
     assert leases.release(me, using=USING, terms=[old]) == []
     assert leases.release(me, using=USING, terms=[new]) == [lease]
+
+
+@pytest.mark.postgres
+def test_a_runner_paused_inside_its_renewal_cannot_block_takeover_beyond_the_ttl() -> None:
+    """The renewal's row locks are held until commit; a process paused before committing
+    (SIGSTOP) must not keep standbys' acquisitions waiting on them forever."""
+    import threading
+    import time
+
+    from django.db import connections, transaction
+
+    leases.ensure(["job"], using="default")
+    holder = runners.register(host="a", pid=1, kind="runcluster", using="default")
+    standby = runners.register(host="b", pid=2, kind="runcluster", using="default")
+    term = leases.acquire("job", holder, ttl=1, using="default")
+    assert term is not None
+    renewed, resume = threading.Event(), threading.Event()
+
+    def paused_holder() -> None:
+        try:
+            with transaction.atomic(using="default"):
+                leases.renew(holder, [term], ttl=1, using="default")
+                renewed.set()
+                resume.wait(10)  # the process is stopped here, inside the transaction
+        except Exception:  # the server ended the idle session, as it should
+            pass
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=paused_holder)
+    thread.start()
+    assert renewed.wait(10)
+    started = time.monotonic()
+    taken = None
+    while taken is None and time.monotonic() - started < 8:
+        taken = leases.acquire("job", standby, ttl=1, using="default")
+    waited = time.monotonic() - started
+    resume.set()
+    thread.join()
+    assert taken is not None and taken.epoch == term.epoch + 1
+    assert waited < 4, f"takeover waited {waited:.1f}s for a paused holder's locks"
