@@ -130,11 +130,20 @@ class StateRecordAdmin(ModelAdmin):
     @admin.action(
         description="Reset state (the old value is kept in history)", permissions=["delete"]
     )
-    def reset(self, request: HttpRequest, queryset: QuerySet[StateRecord]) -> None:
+    def reset(self, request: HttpRequest, queryset: QuerySet[StateRecord]) -> HttpResponse | None:
+        if request.POST.get("confirmed") != "yes":
+            context = {
+                **self.admin_site.each_context(request),
+                "title": "Reset state?",
+                "rows": list(queryset),
+                "opts": self.model._meta,
+            }
+            return TemplateResponse(request, "admin/cluster_singletons/confirm_reset.html", context)
         for row in queryset:
             control.reset_state(row.key.removeprefix("singleton:"), f"reset by {request.user}")
             self.log_change(request, row, "Reset the state (old value kept in history)")
             self.message_user(request, f"reset {row.key}")
+        return None
 
 
 @admin.register(StateHistory)

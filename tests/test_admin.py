@@ -110,7 +110,11 @@ def test_reset_pause_resume_and_run_now_actions() -> None:
     action = {"action": "reset", "_selected_action": ["singleton:progress"]}
     _client("view_staterecord").post(changelist, action)
     assert StateRecord.objects.exists(), "no delete permission: the action is not offered"
-    _client("view_staterecord", "delete_staterecord").post(changelist, action)
+    operator = _client("view_staterecord", "delete_staterecord")
+    asked = operator.post(changelist, action)
+    assert asked.status_code == 200 and "Yes, reset" in asked.content.decode()
+    assert StateRecord.objects.exists(), "nothing happens before confirmation"
+    operator.post(changelist, {**action, "confirmed": "yes"})
     assert not StateRecord.objects.exists()
     assert StateHistory.objects.filter(reason="reset").count() == 1
 

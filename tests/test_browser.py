@@ -19,7 +19,11 @@ from django.contrib.auth.models import User
 from cluster_singletons.models import Lease
 from project.demo.localcluster import ROOT, Cluster, poll
 
-pytestmark = [pytest.mark.multiprocess, pytest.mark.django_db(transaction=True)]
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.multiprocess,
+    pytest.mark.django_db(transaction=True),
+]
 
 ARTIFACTS = ROOT / "artifacts"
 FAST = {"lease_ttl": 3.0, "renew_interval": 0.5, "acquire_interval": 0.2}
@@ -82,6 +86,9 @@ def test_an_operator_hands_a_singleton_off_from_the_dashboard(
     assert "Cluster:" in browser.find_element(By.ID, "cluster-status").text
 
     row.find_element(By.CSS_SELECTOR, "button[name=hand_off]").click()
+    confirm = wait.until(ec.alert_is_present())
+    assert "Hand singleton:indexer off" in confirm.text
+    confirm.accept()
     wait.until(ec.text_to_be_present_in_element((By.CSS_SELECTOR, ".messagelist"), "requested"))
     second = cluster.wait_for_leader("singleton:indexer", other_than=first, timeout=30)
     assert second.epoch > first.epoch
