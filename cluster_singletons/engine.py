@@ -22,7 +22,6 @@ import heapq
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -31,48 +30,28 @@ from django.db import connections
 from django.db.models import Count, F, Max
 from kombu.exceptions import OperationalError as BrokerError
 
-from cluster_singletons import context, deliveries, health, ledger, metrics, schedules
+from cluster_singletons import context, deliveries, health, ledger, metrics, planning, schedules
 from cluster_singletons.clock import Clock, SystemClock
 from cluster_singletons.conf import ClusterSettings, get_settings
 from cluster_singletons.errors import describe
 from cluster_singletons.leases import Term
 from cluster_singletons.models import Run, ScheduleRecord
+from cluster_singletons.planning import Entry
 from cluster_singletons.runner import Leadership
 from cluster_singletons.schedules import Schedule, load_all
-from cluster_singletons.timetables import Every
 
 logger = logging.getLogger("cluster_singletons.beat")
 
 _FULL_REFRESH = 60.0
 _PENDING_POLL = 1.0
 _DELIVERY_POLL = 0.5
-_OVERLAP_RECHECK = 1.0
 _MAX_BATCH = 5000
-_COUNT_CAP = 100_000
-_EPSILON = timedelta(microseconds=1)
 _HEARTBEAT_EVERY = 1.0
 #: Published runs are marked in chunks of this many.
 _MARK_EVERY = 200
 #: A tick published later than this after it was due counts as late.
 _LATE = 1.0
-_Range = tuple[datetime, datetime, int]
 _BROKER_ERRORS = (BrokerError, ConnectionError, OSError)
-
-
-@dataclass(kw_only=True)
-class _Entry:
-    schedule: Schedule
-    #: The last tick accounted for (recorded, skipped or paused through).
-    last_tick: datetime | None
-    #: The schedule's next tick not yet accounted for; None: no more ticks.
-    next_tick: datetime | None = None
-    #: When this schedule next needs attention (its next tick, or an overlap recheck).
-    due: datetime | None = None
-    #: The last run dispatched and not yet known to have finished.
-    open_run: str | None = None
-    open_since: datetime | None = None
-    #: buffer_one: the ticks (first, last, count) waiting for the open run to finish.
-    buffered: _Range | None = None
 
 
 class BeatEngine:
@@ -89,7 +68,10 @@ class BeatEngine:
         self.settings = settings or get_settings()
         self.clock: Clock = clock or SystemClock()
         self.using = self.settings.database
-        self._entries: dict[str, _Entry] = {}
+        self._entries: dict[str, Entry] = {}
+        self._policy = planning.Policy(
+            skip_if_older_than=self.settings.skip_if_older_than, overlap=self.settings.overlap
+        )
         self._heap: list[tuple[datetime, int, str]] = []
         self._seq = 0
         self._paused: set[str] = set()
@@ -168,8 +150,8 @@ class BeatEngine:
             using=self.using,
         )
 
-    def _pop_due(self, now: datetime) -> list[_Entry]:
-        due: list[_Entry] = []
+    def _pop_due(self, now: datetime) -> list[Entry]:
+        due: list[Entry] = []
         while self._heap and self._heap[0][0] <= now and len(due) < _MAX_BATCH:
             at, _, key = heapq.heappop(self._heap)
             entry = self._entries.get(key)
@@ -177,14 +159,14 @@ class BeatEngine:
                 due.append(entry)
         return due
 
-    def _push(self, entry: _Entry) -> None:
+    def _push(self, entry: Entry) -> None:
         if entry.due is not None:
             self._seq += 1
             heapq.heappush(self._heap, (entry.due, self._seq, entry.schedule.key))
 
     # -- planning ----------------------------------------------------------------------
 
-    def _dispatch_due(self, due: list[_Entry], now: datetime, leadership: Leadership) -> None:
+    def _dispatch_due(self, due: list[Entry], now: datetime, leadership: Leadership) -> None:
         open_ids = [
             e.open_run
             for e in due
@@ -200,7 +182,8 @@ class BeatEngine:
                 or (now - (entry.open_since or now)).total_seconds() > self.settings.overlap_timeout
             ):
                 entry.open_run = entry.open_since = None
-            intents.extend(self._plan(entry, now))
+            paused = entry.schedule.key in self._paused
+            intents.extend(planning.plan(entry, now, paused=paused, policy=self._policy))
             if entry.last_tick is not None:
                 last_ticks[entry.schedule.key] = entry.last_tick
         rows = ledger.record(
@@ -224,91 +207,6 @@ class BeatEngine:
         for entry in due:
             self._push(entry)
         self._publish(pending, leadership)
-
-    def _plan(self, entry: _Entry, now: datetime) -> list[ledger.Intent]:
-        """The rows for ``entry``'s ticks up to ``now``; advances its ticks and ``due``."""
-        schedule = entry.schedule
-        paused = schedule.key in self._paused
-        intents: list[ledger.Intent] = []
-        skip_after = self._skip_after(schedule)
-        horizon = now - timedelta(seconds=skip_after)
-        new: _Range | None = None
-        tick = entry.next_tick
-        if tick is not None and tick <= now:
-            if tick < horizon:
-                first, last, count = self._range(schedule, tick, horizon - _EPSILON)
-                if not paused:
-                    reason = f"missed: older than skip_if_older_than={skip_after:g}s"
-                    intents.append(_skipped(schedule, (first, last, count), reason))
-                entry.last_tick = last
-                tick = schedule.first_tick_after(last)
-            if tick is not None and tick <= now:
-                new = self._range(schedule, tick, now)
-                tick = schedule.first_tick_after(new[1])
-            entry.next_tick = tick
-        if entry.buffered is not None:
-            new = _merge(entry.buffered, new)
-            entry.buffered = None
-        entry.due = entry.next_tick
-        if new is None:
-            return intents
-        first, last, count = new
-        if paused:
-            entry.last_tick = last
-            return intents
-        if entry.open_run is not None:
-            policy = schedule.overlap or self.settings.overlap
-            if policy == "buffer_one":
-                entry.buffered = new
-                recheck = now + timedelta(seconds=_OVERLAP_RECHECK)
-                entry.due = recheck if entry.due is None else min(entry.due, recheck)
-                return intents
-            if policy == "skip":
-                reason = f"overlap: run {entry.open_run} has not finished"
-                intents.append(_skipped(schedule, new, reason))
-                entry.last_tick = last
-                return intents
-        tick = now if schedule.from_previous else last
-        intents.append(
-            ledger.Intent(
-                schedule=schedule.key,
-                tick=tick,
-                first_tick=first if count > 1 else None,
-                ticks=count,
-                reason=f"coalesced {count} missed ticks" if count > 1 else "",
-                task=schedule.task,
-                args=schedule.args,
-                kwargs=dict(schedule.kwargs),
-                options=dict(schedule.options),
-            )
-        )
-        entry.last_tick = tick
-        if schedule.from_previous and isinstance(schedule.timetable, Every):
-            entry.next_tick = entry.due = tick + timedelta(seconds=schedule.timetable.seconds)
-        if schedule.one_off:
-            entry.next_tick = entry.due = None
-        return intents
-
-    @staticmethod
-    def _range(schedule: Schedule, first: datetime, until: datetime) -> _Range:
-        """(first, last, count) of ticks from ``first`` up to ``until``."""
-        timetable = schedule.timetable
-        if isinstance(timetable, Every) and schedule.expires is None:
-            steps = int((until - first).total_seconds() // timetable.seconds)
-            last = first + timedelta(seconds=steps * timetable.seconds)
-            return first, last, steps + 1
-        last, count = first, 1
-        while count < _COUNT_CAP:
-            following = schedule.first_tick_after(last)
-            if following is None or following > until:
-                break
-            last, count = following, count + 1
-        return first, last, count
-
-    def _skip_after(self, schedule: Schedule) -> float:
-        if schedule.skip_if_older_than is not None:
-            return schedule.skip_if_older_than
-        return self.settings.skip_if_older_than
 
     # -- publishing --------------------------------------------------------------------
 
@@ -497,7 +395,7 @@ class BeatEngine:
             start = last or schedule.last_run_at or schedule.changed_at or now
             if entry is not None:
                 start = max(start, now)  # an edit takes effect from now
-            updated = _Entry(schedule=schedule, last_tick=last)
+            updated = Entry(schedule=schedule, last_tick=last)
             if entry is not None:
                 updated.open_run, updated.open_since = entry.open_run, entry.open_since
             updated.next_tick = updated.due = schedule.first_tick_after(start)
@@ -570,21 +468,3 @@ class BeatEngine:
             using=self.using,
             ttl=self.settings.lease_ttl,
         )
-
-
-def _skipped(schedule: Schedule, ticks: _Range, reason: str) -> ledger.Intent:
-    first, last, count = ticks
-    return ledger.Intent(
-        schedule=schedule.key,
-        tick=last,
-        first_tick=first if count > 1 else None,
-        ticks=count,
-        status=Run.Status.SKIPPED,
-        reason=reason,
-    )
-
-
-def _merge(older: _Range, newer: _Range | None) -> _Range:
-    if newer is None:
-        return older
-    return older[0], newer[1], older[2] + newer[2]
