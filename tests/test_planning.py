@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from cluster_singletons.planning import Entry, Policy, plan
-from cluster_singletons.schedules import Schedule
+from cluster_singletons.schedules import Overlap, Schedule
 from cluster_singletons.timetables import Every
 
 pytestmark = pytest.mark.unit
