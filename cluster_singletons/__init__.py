@@ -32,8 +32,9 @@ if TYPE_CHECKING:
         UnknownSingleton,
     )
     from cluster_singletons.fields import SnowflakeField
+    from cluster_singletons.leadership import Leadership, LeaderWork
     from cluster_singletons.leases import Term
-    from cluster_singletons.runner import Leadership, LeaderWork, Runner
+    from cluster_singletons.runner import Runner
     from cluster_singletons.schedules import cron
     from cluster_singletons.singletons import SingletonContext, singleton
     from cluster_singletons.snowflake import Snowflake, generate_id, generate_ids
@@ -88,8 +89,8 @@ _WHERE = {
     "DatabaseUnavailable": "errors",
     "LeadershipLost": "errors",
     "Term": "leases",
-    "Leadership": "runner",
-    "LeaderWork": "runner",
+    "Leadership": "leadership",
+    "LeaderWork": "leadership",
     "Runner": "runner",
     "ClusterContextRequired": "errors",
     "SingletonConfigError": "errors",

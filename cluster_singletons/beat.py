@@ -16,7 +16,8 @@ from celery.beat import Scheduler
 
 from cluster_singletons import singletons
 from cluster_singletons.engine import BeatEngine
-from cluster_singletons.runner import Leadership, LeaderWork, Runner
+from cluster_singletons.leadership import Leadership, LeaderWork
+from cluster_singletons.runner import Runner
 
 logger = logging.getLogger("cluster_singletons.beat")
 

@@ -34,10 +34,10 @@ from cluster_singletons import context, deliveries, health, ledger, metrics, pla
 from cluster_singletons.clock import Clock, SystemClock
 from cluster_singletons.conf import ClusterSettings, get_settings
 from cluster_singletons.errors import describe
+from cluster_singletons.leadership import Leadership
 from cluster_singletons.leases import Term
 from cluster_singletons.models import Run, ScheduleRecord
 from cluster_singletons.planning import Entry
-from cluster_singletons.runner import Leadership
 from cluster_singletons.schedules import Schedule, load_all
 
 logger = logging.getLogger("cluster_singletons.beat")

@@ -77,3 +77,47 @@ def handoff(me: int, mine: Iterable[str], view: View, total: int) -> tuple[str, 
             return name, target
     name = min(mine)
     return name, ranking(name, below)[0]
+
+
+class Placed:
+    """One runner's placed leases (names starting with ``prefix``) and its latest ``View``;
+    what the runner asks the policy above, with its own state filled in."""
+
+    def __init__(self, prefix: str | None, names: Iterable[str]) -> None:
+        self.prefix = prefix
+        self.total = sum(1 for name in names if self.covers(name))
+        self.view: View | None = None
+
+    def covers(self, name: str) -> bool:
+        return self.prefix is not None and name.startswith(self.prefix)
+
+    def may_take(self, me: int, name: str) -> bool:
+        if self.view is None or not self.covers(name):
+            return True
+        return may_take(me, self.view, self.total)
+
+    def poll_interval(self, me: int, name: str, base: float) -> float:
+        """Standbys poll less often the lower they rank for the lease, so the best-ranked
+        runner usually wins it and assignments follow the hash."""
+        if self.view is None or not self.covers(name):
+            return base
+        return base * (1 + rank_of(me, name, self.view))
+
+    def count(self, me: int, name: str, delta: int) -> None:
+        """Keep the view true between refreshes when this runner takes or gives a lease."""
+        if self.view is not None and self.covers(name):
+            held = dict(self.view.held)
+            held[me] = held.get(me, 0) + delta
+            self.view = View(held=held)
+
+    def below_share(self, me: int) -> bool:
+        if self.view is None:
+            return True
+        share = fair_share(self.total, len(set(self.view.held) | {me}))
+        return self.view.held.get(me, 0) < share
+
+    def handoff(self, me: int, held: Iterable[str]) -> tuple[str, int] | None:
+        """The lease to hand off now and to whom, if this runner holds more than its share."""
+        if self.view is None:
+            return None
+        return handoff(me, [name for name in held if self.covers(name)], self.view, self.total)

@@ -22,10 +22,7 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
-from typing import Literal
+from collections.abc import Iterator, Mapping
 
 from django.db import DatabaseError, InterfaceError, connections
 
@@ -33,7 +30,8 @@ from cluster_singletons import leases, metrics, placement, runners
 from cluster_singletons.backoff import Backoff
 from cluster_singletons.clock import Clock, SystemClock
 from cluster_singletons.conf import ClusterSettings, get_settings
-from cluster_singletons.errors import DatabaseUnavailable, LeadershipLost, describe
+from cluster_singletons.errors import DatabaseUnavailable, describe
+from cluster_singletons.leadership import LeaderWork, Slot
 from cluster_singletons.leases import Term
 from cluster_singletons.liveness import Liveness
 from cluster_singletons.placement import View
@@ -45,57 +43,6 @@ _PRUNE_EVERY = 60.0
 #: Renewal intervals a runner leaves a lease it handed off alone for the target to take it;
 #: if the target never does (it stopped meanwhile), the lease is orphaned no longer than this.
 _HANDOFF_COOLDOWN = 1
-
-
-@dataclass(frozen=True, kw_only=True)
-class Leadership:
-    """What leader work receives: its term, a stop signal, and fenced transactions."""
-
-    term: Term
-    stop_event: threading.Event
-    using: str
-    ttl: float
-    #: Whether the runner's belief window for this term is still open, by its own clock;
-    #: checked directly so a process resumed after a pause stops acting at once, before
-    #: its coordinator thread has run.
-    believed: Callable[[], bool] = field(default=lambda: True)
-
-    @property
-    def running(self) -> bool:
-        """False once the term ended, its belief window closed, or the runner is stopping."""
-        return not self.stop_event.is_set() and self.believed()
-
-    def sleep(self, seconds: float | None) -> bool:
-        """Sleep (``None``: until the term ends), waking early when the term ends;
-        return whether still running."""
-        return not self.stop_event.wait(seconds)
-
-    def fenced(self) -> AbstractContextManager[None]:
-        """A transaction that commits only within this term (else ``LeadershipLost``)."""
-        return leases.fenced(self.term, using=self.using, ttl=self.ttl)
-
-
-LeaderWork = Callable[[Leadership], None]
-Outcome = Literal["running", "returned", "failed", "fenced-out"]
-
-
-def idle(leadership: Leadership) -> None:
-    """Leader work that does nothing but hold the lease until its term ends."""
-    leadership.stop_event.wait()
-
-
-@dataclass(kw_only=True)
-class _Slot:
-    name: str
-    work: LeaderWork
-    term: Term | None = None
-    believed_until: float = 0.0
-    next_acquire: float = 0.0
-    thread: threading.Thread | None = None
-    stop_event: threading.Event = field(default_factory=threading.Event)
-    outcome: Outcome = "running"
-    restart_at: float | None = None
-    crashes: int = 0
 
 
 class Runner:
@@ -118,11 +65,11 @@ class Runner:
         self.using = self.settings.database
         prefix = self.settings.key_prefix
         self._slots = {
-            prefix + name: _Slot(name=prefix + name, work=fn) for name, fn in work.items()
+            prefix + name: Slot(name=prefix + name, work=fn) for name, fn in work.items()
         }
-        self._placed_prefix = None if placement_prefix is None else prefix + placement_prefix
-        self._placed_total = sum(1 for name in self._slots if self._is_placed(name))
-        self._view: View | None = None
+        self._placed = placement.Placed(
+            None if placement_prefix is None else prefix + placement_prefix, self._slots
+        )
         self.runner_id: int | None = None
         self.error: BaseException | None = None
         self._stopping = threading.Event()
@@ -254,7 +201,7 @@ class Runner:
         due = [
             slot
             for slot in self._slots.values()
-            if slot.term is None and now >= slot.next_acquire and not _alive(slot.thread)
+            if slot.term is None and now >= slot.next_acquire and not slot.alive
         ]
         if due and may_lead:
             self._acquire_due(due, now)
@@ -289,11 +236,11 @@ class Runner:
                     slot.believed_until = sent_at + self._belief_window
                 else:
                     self._step_down(slot, "renewal found the lease expired, taken or handed off")
-            if self._placed_prefix is not None:
-                self._view = View(
+            if self._placed.prefix is not None:
+                self._placed.view = View(
                     held=runners.live_view(
                         ttl=self.settings.lease_ttl,
-                        lease_prefix=self._placed_prefix,
+                        lease_prefix=self._placed.prefix,
                         crash_detection=self._liveness is not None,
                         using=self.using,
                     )
@@ -308,7 +255,7 @@ class Runner:
         ttl = self.settings.lease_ttl
         return ttl - min(1.0, ttl / 10)
 
-    def _acquire_due(self, due: list[_Slot], now: float) -> None:
+    def _acquire_due(self, due: list[Slot], now: float) -> None:
         """One read finds which due leases are takeable, so standing by costs one query per
         poll, not one per lease; only those are tried."""
         assert self.runner_id is not None
@@ -323,12 +270,12 @@ class Runner:
         for slot in due:
             if attempt.failed:
                 slot.next_acquire = now + attempt.delay
-            elif slot.name in free and self._may_take(slot):
+            elif slot.name in free and self._placed.may_take(self.runner_id, slot.name):
                 self._try_acquire(slot, now)
             else:
                 slot.next_acquire = now + self._poll_interval(slot)
 
-    def _try_acquire(self, slot: _Slot, now: float) -> None:
+    def _try_acquire(self, slot: Slot, now: float) -> None:
         assert self.runner_id is not None
         with self._db("acquire") as attempt:
             sent_at = self.clock.monotonic()
@@ -343,7 +290,7 @@ class Runner:
             if term is not None:
                 metrics.LEADER_CHANGES.labels(slot.name).inc()
                 metrics.LEADING.labels(slot.name).set(1)
-                self._count_placed(slot, +1)
+                self._placed.count(self.runner_id, slot.name, +1)
                 slot.term, slot.believed_until, slot.crashes = (
                     term,
                     sent_at + self._belief_window,
@@ -356,33 +303,15 @@ class Runner:
 
     # -- placement ---------------------------------------------------------------------
 
-    def _is_placed(self, name: str) -> bool:
-        return self._placed_prefix is not None and name.startswith(self._placed_prefix)
-
-    def _may_take(self, slot: _Slot) -> bool:
-        if self._view is None or self.runner_id is None or not self._is_placed(slot.name):
-            return True
-        return placement.may_take(self.runner_id, self._view, self._placed_total)
-
-    def _poll_interval(self, slot: _Slot) -> float:
-        """Standbys poll less often the lower they rank for the lease, so the best-ranked
-        runner usually wins it and assignments follow the hash."""
-        interval = self.settings.acquire_interval
-        if self._view is None or self.runner_id is None or not self._is_placed(slot.name):
-            return interval
-        return interval * (1 + placement.rank_of(self.runner_id, slot.name, self._view))
-
-    def _count_placed(self, slot: _Slot, delta: int) -> None:
-        if self._view is not None and self.runner_id is not None and self._is_placed(slot.name):
-            held = dict(self._view.held)
-            held[self.runner_id] = held.get(self.runner_id, 0) + delta
-            self._view = View(held=held)
+    def _poll_interval(self, slot: Slot) -> float:
+        assert self.runner_id is not None
+        return self._placed.poll_interval(self.runner_id, slot.name, self.settings.acquire_interval)
 
     def _rebalance(self, now: float) -> None:
         """Hand off one placed lease if this runner holds more than its fair share."""
-        assert self.runner_id is not None and self._view is not None
-        mine = [s.name for s in self._slots.values() if s.term and self._is_placed(s.name)]
-        proposal = placement.handoff(self.runner_id, mine, self._view, self._placed_total)
+        assert self.runner_id is not None
+        mine = [slot.name for slot in self._slots.values() if slot.term]
+        proposal = self._placed.handoff(self.runner_id, mine)
         if proposal is None:
             return
         name, target = proposal
@@ -391,40 +320,14 @@ class Runner:
         # Stay away long enough for the target to take it.
         slot.next_acquire = now + _HANDOFF_COOLDOWN * self.settings.renew_interval
 
-    def _start_work(self, slot: _Slot) -> None:
-        assert slot.term is not None
-        slot.stop_event = threading.Event()
-        slot.outcome, slot.restart_at = "running", None
-        term = slot.term
-        leadership = Leadership(
-            term=term,
-            stop_event=slot.stop_event,
-            using=self.using,
-            ttl=self.settings.lease_ttl,
-            believed=lambda: slot.term is term and self.clock.monotonic() < slot.believed_until,
+    def _start_work(self, slot: Slot) -> None:
+        slot.start_work(
+            using=self.using, ttl=self.settings.lease_ttl, clock=self.clock, on_end=self._wake.set
         )
-        slot.thread = threading.Thread(
-            target=self._run_work, args=(slot, leadership), name=f"lead:{slot.name}", daemon=True
-        )
-        slot.thread.start()
 
-    def _run_work(self, slot: _Slot, leadership: Leadership) -> None:
-        try:
-            slot.work(leadership)
-            slot.outcome = "returned"
-        except LeadershipLost as exc:
-            logger.warning("fenced write refused: %s", exc)
-            slot.outcome = "fenced-out"
-        except Exception:
-            logger.exception("leader work for %r failed", slot.name)
-            slot.outcome = "failed"
-        finally:
-            connections.close_all()
-            self._wake.set()
-
-    def _reap(self, slot: _Slot, now: float) -> None:
+    def _reap(self, slot: Slot, now: float) -> None:
         """React to leader work that ended on its own while its term is current."""
-        if slot.term is None or slot.restart_at is not None or _alive(slot.thread):
+        if slot.term is None or slot.restart_at is not None or slot.alive:
             return
         if slot.thread is None or slot.stop_event.is_set():
             return
@@ -447,7 +350,7 @@ class Runner:
             )
             slot.stop_event.set()
 
-    def _step_down(self, slot: _Slot, reason: str) -> None:
+    def _step_down(self, slot: Slot, reason: str) -> None:
         if slot.term is None:
             return
         logger.warning(
@@ -459,7 +362,8 @@ class Runner:
         )
         slot.stop_event.set()
         metrics.LEADING.labels(slot.name).set(0)
-        self._count_placed(slot, -1)
+        if self.runner_id is not None:
+            self._placed.count(self.runner_id, slot.name, -1)
         self._unreleased.append(slot.term)
         slot.term, slot.restart_at = None, None
         slot.next_acquire = self.clock.monotonic() + self.settings.acquire_interval
@@ -468,20 +372,12 @@ class Runner:
         """Free the rows of terms this runner gave up, once their work has ended, so no one
         waits for their expiry."""
         assert self.runner_id is not None
-        done = [t for t in self._unreleased if not _alive(self._slots[t.name].thread)]
+        done = [t for t in self._unreleased if not self._slots[t.name].alive]
         if not done:
             return
         with self._db("release"):
             leases.release(self.runner_id, using=self.using, terms=done)
             self._unreleased = [t for t in self._unreleased if t not in done]
-
-    def _below_share(self) -> bool:
-        if self._view is None or self.runner_id is None:
-            return True
-        share = placement.fair_share(
-            self._placed_total, len(set(self._view.held) | {self.runner_id})
-        )
-        return self._view.held.get(self.runner_id, 0) < share
 
     def _step_down_all(self, reason: str) -> None:
         for slot in self._slots.values():
@@ -557,7 +453,10 @@ class Runner:
         # A lease was released somewhere: standbys try at once instead of at their next poll
         # (for placed leases, only a runner below its fair share, the handoff's target).
         for slot in self._slots.values():
-            if slot.term is None and (not self._is_placed(slot.name) or self._below_share()):
+            if slot.term is None and (
+                not self._placed.covers(slot.name)
+                or (self.runner_id is not None and self._placed.below_share(self.runner_id))
+            ):
                 slot.next_acquire = min(slot.next_acquire, self.clock.monotonic())
         self._wake.set()
 
@@ -640,7 +539,3 @@ class _DbAttempt:
         runner._db_backoff = runner._db_backoff.failed()
         connections[runner.using].close()
         return True
-
-
-def _alive(thread: threading.Thread | None) -> bool:
-    return thread is not None and thread.is_alive()

@@ -41,8 +41,8 @@ from cluster_singletons.errors import (
     UnknownSingleton,
     describe,
 )
+from cluster_singletons.leadership import Leadership, LeaderWork
 from cluster_singletons.models import StepRecord
-from cluster_singletons.runner import Leadership, LeaderWork
 from cluster_singletons.state import StateStore
 
 logger = logging.getLogger("cluster_singletons.singletons")

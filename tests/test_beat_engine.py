@@ -25,8 +25,8 @@ from cluster_singletons.clock import FrozenClock
 from cluster_singletons.conf import get_settings
 from cluster_singletons.engine import BeatEngine
 from cluster_singletons.errors import DeliveryNotCancellable, LeadershipLost
+from cluster_singletons.leadership import Leadership
 from cluster_singletons.models import Delivery, Lease, Run, ScheduleRecord
-from cluster_singletons.runner import Leadership
 from cluster_singletons.snowflake import default_generator
 from project.demo.localcluster import poll, received
 

@@ -14,8 +14,8 @@ from pydantic import BaseModel
 
 from cluster_singletons import context, leases, runners, singletons
 from cluster_singletons.errors import LeadershipLost, SingletonConfigError, SingletonError
+from cluster_singletons.leadership import Leadership
 from cluster_singletons.models import Lease, StateRecord, StepRecord
-from cluster_singletons.runner import Leadership
 from cluster_singletons.singletons import SingletonContext, SingletonDriver
 from project.demo.localcluster import poll
 

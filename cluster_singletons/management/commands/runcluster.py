@@ -13,7 +13,8 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from cluster_singletons import singletons
 from cluster_singletons.beat import cluster_work
-from cluster_singletons.runner import LeaderWork, Runner
+from cluster_singletons.leadership import LeaderWork
+from cluster_singletons.runner import Runner
 
 
 class Command(BaseCommand):
