@@ -22,7 +22,8 @@ from django.template.response import TemplateResponse
 from django.urls import reverse
 from pydantic import ValidationError as ModelInvalid
 
-from cluster_singletons import control, health, schedules, singletons
+from cluster_singletons import control, health, leases, schedules
+from cluster_singletons.conf import get_settings
 from cluster_singletons.errors import ClusterSingletonsError, DeliveryNotCancellable
 from cluster_singletons.models import (
     ClusterHealth,
@@ -76,14 +77,20 @@ class LeaseAdmin(ReadOnly):
     @admin.action(description="Hand off leadership", permissions=["change"])
     def hand_off(self, request: HttpRequest, queryset: QuerySet[Lease]) -> None:
         for lease in queryset:
-            if lease.holder_id is None:
-                self.message_user(request, f"nobody leads {lease.name}", messages.WARNING)
-                continue
-            from cluster_singletons.leases import request_handoff
+            _hand_off(self, request, lease, lease.name)
 
-            request_handoff(lease.name, using=queryset.db)
-            self.log_change(request, lease, f"Requested a handoff from runner {lease.holder_id}")
-            self.message_user(request, f"handoff of {lease.name} requested")
+
+def _hand_off(
+    model_admin: ModelAdmin, request: HttpRequest, lease: Lease | None, name: str
+) -> None:
+    """Ask the leader of ``lease`` to hand off, and say so in the admin log and to the user."""
+    if lease is None or not leases.request_handoff(lease.name, using=get_settings().database):
+        model_admin.message_user(
+            request, f"nobody leads {name}; nothing to hand off", messages.WARNING
+        )
+        return
+    model_admin.log_change(request, lease, f"Requested a handoff from runner {lease.holder_id}")
+    model_admin.message_user(request, f"handoff of {name} requested")
 
 
 class StateForm(ModelForm):
@@ -279,15 +286,6 @@ class DashboardAdmin(ReadOnly):
         if not request.user.has_perm("cluster_singletons.change_lease"):
             raise PermissionDenied
         name = request.POST.get("hand_off", "")
-        lease = Lease.objects.filter(name=name).first()
-        label = name.removeprefix(singletons.LEASE_PREFIX)
-        if lease is None or not control.handoff(label):
-            self.message_user(
-                request, f"nobody leads {name}; nothing to hand off", messages.WARNING
-            )
-        else:
-            LeaseAdmin(Lease, self.admin_site).log_change(
-                request, lease, f"Requested a handoff from runner {lease.holder_id}"
-            )
-            self.message_user(request, f"handoff of {name} requested")
+        lease = Lease.objects.filter(name=get_settings().key_prefix + name).first()
+        _hand_off(self, request, lease, name)
         return HttpResponseRedirect(reverse("admin:cluster_singletons_clusterhealth_changelist"))

@@ -2,8 +2,9 @@
 
 One pass (``step``) at wall-clock time ``now``:
 
-1. every ``beat_refresh_interval``: reread schedules whose source changed (and all of them
-   every minute, which catches bulk ``update()``s that send no signal); pauses;
+1. every ``beat_refresh_interval``: reread schedules whose source changed (PostgreSQL: a
+   server-side digest, so bulk ``update()``s count; SQLite: also a full reread every
+   minute); pauses;
 2. pop the schedules due by ``now`` from a heap and plan each: missed ticks older than
    ``skip_if_older_than`` become one ``skipped`` row, the newer ones one run (coalesced);
    a run whose predecessor has not finished follows the overlap policy;
@@ -22,7 +23,7 @@ import heapq
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.apps import apps
@@ -52,6 +53,7 @@ _MARK_EVERY = 200
 #: A tick published later than this after it was due counts as late.
 _LATE = 1.0
 _BROKER_ERRORS = (BrokerError, ConnectionError, OSError)
+_NEVER = datetime.max.replace(tzinfo=UTC)
 
 
 class BeatEngine:
@@ -128,16 +130,19 @@ class BeatEngine:
             self._dispatch_due(due, now, leadership)
         if now >= self._next_pending:
             self._republish(leadership)
-        if now >= self._next_delivery or (self._upcoming and min(self._upcoming.values()) <= now):
+        if now >= min(self._next_delivery, self._next_upcoming):
             self._deliver(now, leadership)
         if now >= self._next_heartbeat:
             self._heartbeat(now, leadership.term)
-        wake = [self._next_refresh, self._next_pending, self._next_delivery]
+        wake = [self._next_refresh, self._next_pending, self._next_delivery, self._next_upcoming]
         if self._heap:
             wake.append(self._heap[0][0])
-        if self._upcoming:
-            wake.append(min(self._upcoming.values()))
         return min(wake)
+
+    @property
+    def _next_upcoming(self) -> datetime:
+        """When the first delivery already fetched falls due (far future: none)."""
+        return min(self._upcoming.values(), default=_NEVER)
 
     def _heartbeat(self, now: datetime, term: Term) -> None:
         """The beat's own freshness: a leader whose loop hangs stops writing this."""
@@ -170,8 +175,7 @@ class BeatEngine:
         open_ids = [
             e.open_run
             for e in due
-            if e.open_run is not None
-            and (e.schedule.overlap or self.settings.overlap) != "allow_all"
+            if e.open_run is not None and self._policy.overlap_of(e.schedule) != "allow_all"
         ]
         done = ledger.finished(open_ids, using=self.using) if open_ids else set()
         intents: list[ledger.Intent] = []
@@ -182,9 +186,10 @@ class BeatEngine:
                 or (now - (entry.open_since or now)).total_seconds() > self.settings.overlap_timeout
             ):
                 entry.open_run = entry.open_since = None
+            before = entry.last_tick
             paused = entry.schedule.key in self._paused
             intents.extend(planning.plan(entry, now, paused=paused, policy=self._policy))
-            if entry.last_tick is not None:
+            if entry.last_tick is not None and entry.last_tick != before:
                 last_ticks[entry.schedule.key] = entry.last_tick
         rows = ledger.record(
             intents,

@@ -18,6 +18,7 @@ Time is the database's: heartbeats are written with its clock and ages computed 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -120,6 +121,31 @@ class Report:
         return out
 
 
+#: When a heartbeat at the given time goes stale (``None``: never).
+Deadline = Callable[[datetime], datetime | None]
+
+
+def status(
+    lease: Lease | None,
+    beat: Heartbeat | None,
+    now: datetime,
+    *,
+    grace: timedelta,
+    deadline: Deadline,
+) -> str:
+    """The status of one name from its lease and heartbeat at ``now`` (a pure function)."""
+    if lease is None or lease.holder_id is None or not lease.expires_at or lease.expires_at <= now:
+        return NOT_LED
+    assert lease.acquired_at is not None
+    grace_end = lease.acquired_at + grace
+    if beat is not None and beat.failed_at and (not beat.beat_at or beat.failed_at > beat.beat_at):
+        return FAILED
+    if beat is None or beat.beat_at is None:
+        return NEVER if now <= grace_end else STALE
+    stale_at = deadline(beat.beat_at)
+    return STALE if stale_at is not None and now > max(stale_at, grace_end) else HEALTHY
+
+
 def cluster_health(
     *, now: datetime | None = None, detail: bool = True, settings: ClusterSettings | None = None
 ) -> Report:
@@ -134,58 +160,43 @@ def cluster_health(
     leases = {lease.name: lease for lease in Lease.objects.using(db).all()}
     beats = {hb.name: hb for hb in Heartbeat.objects.using(db).all()}
 
-    def item(name: str, lease_name: str, kind: str, interval: float, overdue: Any = None) -> Item:
+    grace = timedelta(seconds=settings.stale_grace)
+
+    def item(name: str, lease_name: str, kind: str, interval: float, deadline: Deadline) -> Item:
         lease = leases.get(prefix + lease_name)
         beat = beats.get(name)
-        led = lease is not None and lease.holder_id and lease.expires_at and lease.expires_at > now
-        base: dict[str, Any] = {
-            "name": name,
-            "kind": kind,
-            "expected_interval": interval,
-            "executions": beat.executions if beat else 0,
-            "failures": beat.failures if beat else 0,
-            "last_error": beat.last_error if beat else "",
-        }
-        if beat is not None and beat.beat_at is not None:
-            base["age"] = round((now - beat.beat_at).total_seconds(), 3)
-        if not led:
-            return Item(status=NOT_LED, **base)
-        assert lease is not None and lease.acquired_at is not None
-        base.update(leader=lease.holder_id, epoch=lease.epoch)
-        grace_end = lease.acquired_at + timedelta(seconds=settings.stale_grace)
-        if (
-            beat is not None
-            and beat.failed_at
-            and (not beat.beat_at or beat.failed_at > beat.beat_at)
-        ):
-            return Item(status=FAILED, **base)
-        if beat is None or beat.beat_at is None:
-            return Item(status=NEVER if now <= grace_end else STALE, **base)
-        if overdue is not None:
-            late = overdue(beat.beat_at)
-            stale = late is not None and now > max(late, grace_end)
-        else:
-            limit = timedelta(seconds=settings.stale_threshold * interval)
-            stale = now > max(beat.beat_at + limit, grace_end)
-        return Item(status=STALE if stale else HEALTHY, **base)
+        base: dict[str, Any] = {"name": name, "kind": kind, "expected_interval": interval}
+        if beat is not None:
+            base.update(
+                executions=beat.executions, failures=beat.failures, last_error=beat.last_error
+            )
+            if beat.beat_at is not None:
+                base["age"] = round((now - beat.beat_at).total_seconds(), 3)
+        state = status(lease, beat, now, grace=grace, deadline=deadline)
+        if state != NOT_LED:
+            assert lease is not None
+            base.update(leader=lease.holder_id, epoch=lease.epoch)
+        return Item(status=state, **base)
 
-    items = [
-        item(BEAT, BEAT, "beat", settings.beat_refresh_interval)
-        if BEAT in beats or prefix + BEAT in leases
-        else None
-    ]
+    def every(interval: float) -> Deadline:
+        limit = timedelta(seconds=settings.stale_threshold * interval)
+        return lambda last: last + limit
+
+    found = []
+    if BEAT in beats or prefix + BEAT in leases:
+        interval = settings.beat_refresh_interval
+        found.append(item(BEAT, BEAT, "beat", interval, every(interval)))
     for spec in singletons.registered().values():
-        items.append(item(spec.lease, spec.lease, "singleton", spec.interval))
+        found.append(item(spec.lease, spec.lease, "singleton", spec.interval, every(spec.interval)))
     for cron in schedules.crons():
         assert cron.timetable is not None
         timetable = cron.timetable
 
-        def overdue(last: datetime, timetable: Any = timetable) -> datetime | None:
+        def next_run(last: datetime, timetable: Any = timetable) -> datetime | None:
             due = timetable.next_after(last)
-            return None if due is None else due + timedelta(seconds=settings.stale_grace)
+            return None if due is None else due + grace
 
-        items.append(item(cron.key, BEAT, "cron", 0.0, overdue))
-    found = [i for i in items if i is not None]
+        found.append(item(cron.key, BEAT, "cron", 0.0, next_run))
     live = Runner.objects.using(db).filter(
         last_seen__gt=now - timedelta(seconds=settings.lease_ttl)
     )

@@ -32,6 +32,9 @@ class Policy:
     skip_if_older_than: float
     overlap: Overlap
 
+    def overlap_of(self, schedule: Schedule) -> Overlap:
+        return schedule.overlap or self.overlap
+
     def skip_after(self, schedule: Schedule) -> float:
         if schedule.skip_if_older_than is not None:
             return schedule.skip_if_older_than
@@ -95,7 +98,7 @@ def plan(entry: Entry, now: datetime, *, paused: bool, policy: Policy) -> list[l
         entry.last_tick = last
         return intents
     if entry.open_run is not None:
-        overlap = schedule.overlap or policy.overlap
+        overlap = policy.overlap_of(schedule)
         if overlap == "buffer_one":
             entry.buffered = new
             recheck = now + timedelta(seconds=_OVERLAP_RECHECK)

@@ -1,9 +1,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
 from django.db import connection
+from pydantic import BaseModel
+
+from cluster_singletons import singletons
+from cluster_singletons.state import StateStore
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -22,3 +27,29 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = kept
+
+
+class Progress(BaseModel):
+    """The state of the ``progress`` singleton the operator tests work on."""
+
+    cursor: int = 0
+
+
+@pytest.fixture
+def isolated_registry() -> Iterator[None]:
+    """Only the singletons a test declares are registered while it runs."""
+    saved = dict(singletons._registry)
+    singletons._registry.clear()
+    yield
+    singletons._registry.clear()
+    singletons._registry.update(saved)
+
+
+@pytest.fixture
+def progress(isolated_registry: None) -> StateStore[Progress]:
+    """Singleton ``progress`` declared, with ``{"cursor": 7}`` stored (version 1)."""
+    singletons.singleton("progress", state=Progress, interval=10)(lambda ctx: None)
+    store = StateStore("singleton:progress", Progress)
+    store.load()
+    store.save(Progress(cursor=7))
+    return store

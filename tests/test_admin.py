@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -11,9 +10,8 @@ import pytest
 from django.contrib.admin.models import LogEntry
 from django.contrib.auth.models import Permission, User
 from django.test import Client
-from pydantic import BaseModel
 
-from cluster_singletons import leases, runners, singletons
+from cluster_singletons import leases, runners
 from cluster_singletons.models import (
     Delivery,
     Lease,
@@ -23,28 +21,17 @@ from cluster_singletons.models import (
     StateRecord,
 )
 from cluster_singletons.state import StateStore
+from tests.conftest import Progress
 
 pytestmark = [pytest.mark.db, pytest.mark.django_db(transaction=True)]
 
 
-class Progress(BaseModel):
-    cursor: int = 0
-
-
 @pytest.fixture(autouse=True)
-def progress() -> Iterator[None]:
-    saved = dict(singletons._registry)
-    singletons._registry.clear()
-    singletons.singleton("progress", state=Progress, interval=10)(lambda ctx: None)
-    store = StateStore("singleton:progress", Progress)
-    store.load()
-    store.save(Progress(cursor=7))
+def _led(progress: StateStore[Progress]) -> None:
+    """``progress`` is led by a runner on node-a."""
     leases.ensure(["singleton:progress"], using="default")
     runner = runners.register(host="node-a", pid=4242, kind="runcluster", using="default")
     leases.acquire("singleton:progress", runner, ttl=60, using="default")
-    yield
-    singletons._registry.clear()
-    singletons._registry.update(saved)
 
 
 def _client(*perms: str, superuser: bool = False) -> Client:

@@ -89,7 +89,7 @@ def test_every_tick_is_dispatched_once_while_leaders_die(cluster: Cluster) -> No
     window_start = datetime.now(UTC) + timedelta(seconds=2)
     disruptions = _chaos(cluster, seconds, signals)
     window_end = datetime.now(UTC) - timedelta(seconds=2)
-    time.sleep(3)  # let the leader publish the last ticks of the window (not a schedule wait)
+    _wait_published_through(window_end)
     cluster.stop()
 
     by_id, runs = _each_tick_once(
@@ -106,6 +106,17 @@ def test_every_tick_is_dispatched_once_while_leaders_die(cluster: Cluster) -> No
     assert repeats <= disruptions, by_id.most_common(3)
     assert disruptions >= (10 if postgres else 3)
     assert sum(1 for r in runs.values() if r.schedule == "periodic:each-second") >= seconds / 2
+
+
+def _wait_published_through(moment: datetime) -> None:
+    """Until the every-second schedule's tick at ``moment`` (or a later one) is published."""
+    poll(
+        f"the tick of {moment.isoformat()} to be published",
+        lambda: Run.objects.filter(
+            schedule="periodic:each-second", tick__gte=moment, published_at__isnull=False
+        ).exists(),
+        timeout=60,
+    )
 
 
 def _each_tick_once(
@@ -154,7 +165,7 @@ def test_the_leader_stops_while_the_database_is_down_and_catches_up_after(
         nodes = cluster.start(2)
         poll("the first dispatch", lambda: Run.objects.exists(), timeout=30)
         window_start = datetime.now(UTC) + timedelta(seconds=1)
-        time.sleep(3)
+        _wait_published_through(window_start + timedelta(seconds=2))
         proxy.cut()
         cut_at = datetime.now(UTC)
         time.sleep(6)  # past the lease TTL: nobody may lead without the database
@@ -175,7 +186,7 @@ def test_the_leader_stops_while_the_database_is_down_and_catches_up_after(
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n{cluster.logs()[-8000:]}") from exc
         window_end = datetime.now(UTC) - timedelta(seconds=1)
-        time.sleep(2)
+        _wait_published_through(window_end)
         assert all(node.process.poll() is None for node in nodes), "runners survived the outage"
         cluster.stop()
         _, runs = _each_tick_once(

@@ -3,36 +3,18 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from io import StringIO
 from typing import Any
 
 import pytest
 from django.core.management import CommandError, call_command
-from pydantic import BaseModel
 
-from cluster_singletons import leases, runners, singletons
+from cluster_singletons import leases, runners
 from cluster_singletons.models import Lease, StateHistory, StateRecord
 from cluster_singletons.state import StateStore
+from tests.conftest import Progress
 
 pytestmark = [pytest.mark.db, pytest.mark.django_db(transaction=True)]
-
-
-class Progress(BaseModel):
-    cursor: int = 0
-
-
-@pytest.fixture
-def progress() -> Iterator[StateStore[Progress]]:
-    saved = dict(singletons._registry)
-    singletons._registry.clear()
-    singletons.singleton("progress", state=Progress, interval=10)(lambda ctx: None)
-    store = StateStore("singleton:progress", Progress)
-    store.load()
-    store.save(Progress(cursor=7))
-    yield store
-    singletons._registry.clear()
-    singletons._registry.update(saved)
 
 
 def _call(*args: str, **kwargs: Any) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -24,14 +23,9 @@ NOW = datetime(2026, 6, 1, 12, 0, 0, tzinfo=UTC)
 
 
 @pytest.fixture
-def watched() -> Iterator[None]:
+def watched(isolated_registry: None) -> None:
     """Only our singleton is registered while the test runs."""
-    saved = dict(singletons._registry)
-    singletons._registry.clear()
     singletons.singleton("watched", interval=10)(lambda ctx: None)
-    yield
-    singletons._registry.clear()
-    singletons._registry.update(saved)
 
 
 def _lead(name: str, *, since: datetime) -> Runner:
@@ -166,11 +160,10 @@ def test_metrics_aggregate_processes_in_multiprocess_mode(tmp_path: Path) -> Non
     assert "cluster_runners_healthy" in text
 
 
+@pytest.mark.usefixtures("isolated_registry")
 def test_a_cron_function_is_stale_when_its_next_run_is_overdue() -> None:
     from cluster_singletons import schedules
 
-    saved = dict(singletons._registry)
-    singletons._registry.clear()
     schedules.cron("hourly", "0 * * * *")(lambda run: None)
     try:
         _lead("beat", since=NOW - timedelta(hours=3))
@@ -184,4 +177,3 @@ def test_a_cron_function_is_stale_when_its_next_run_is_overdue() -> None:
         assert statuses["cron:hourly"] == health.STALE, "12:00 is overdue by more than stale_grace"
     finally:
         schedules._crons.pop("cron:hourly")
-        singletons._registry.update(saved)
