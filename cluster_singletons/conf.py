@@ -127,7 +127,16 @@ class ClusterSettings(BaseModel):
         ge=0,
         description=(
             "The leading beat waits at least this long between passes, so ticks falling due "
-            "close together are recorded in one transaction (adds at most this to lateness)."
+            "close together are published in one batch (adds at most this to lateness)."
+        ),
+    )
+    beat_lookahead: float = Field(
+        1.0,
+        ge=0,
+        description=(
+            "The leading beat records a tick in the ledger and builds its message up to this "
+            "long before it is due, so only the broker round trip is left when it is. An edit "
+            "or pause reaches ticks further ahead than this; 0 plans every tick when due."
         ),
     )
     beat_refresh_interval: float = Field(

@@ -2,44 +2,46 @@
 
 One pass (``step``) at wall-clock time ``now``:
 
-1. every ``beat_refresh_interval``: reread schedules whose source changed (PostgreSQL: a
-   server-side digest, so bulk ``update()``s count; SQLite: also a full reread every
-   minute); pauses;
-2. pop the schedules due by ``now`` from a heap and plan each: missed ticks older than
-   ``skip_if_older_than`` become one ``skipped`` row, the newer ones one run (coalesced);
-   a run whose predecessor has not finished follows the overlap policy;
-3. record the batch in the ledger in one transaction fenced on the beat's term;
-4. publish the recorded intents after commit, then mark them published; intents left
-   ``pending`` (a crash, the broker down, a manual run) are published again, same task id;
+1. publish the recorded runs now due (``outbox``: their messages were built when they
+   were recorded, so only the broker round trips are left, one per batch);
+2. take what the refresh thread saw (``refresh``: which schedules are paused, and, when
+   django-celery-beat's rows changed, every schedule, reread); apply it;
+3. pop the schedules due by ``now + beat_lookahead`` from a heap and plan each (a tick
+   ahead is planned for its own time): missed ticks older than ``skip_if_older_than``
+   become one ``skipped`` row, the newer ones one run (coalesced); a run whose
+   predecessor has not finished follows the overlap policy, decided when the tick is due
+   unless the predecessor has already finished;
+4. record the batch in the ledger in one transaction fenced on the beat's term, move the
+   runs into the outbox and publish those already due; mark published what went out;
+   intents left ``pending`` and due (a crash, the broker down, a manual run) are
+   published again, same task id;
 5. dispatch delayed deliveries that are due, through the same ledger.
 
 The cost of a pass grows with the ticks due, not with the number of schedules: the heap
-holds each schedule's next due time; nothing scans all schedules except the refresh.
+holds each schedule's next due time; nothing scans all schedules except the refresh,
+which runs in its own thread.
 """
 
 from __future__ import annotations
 
+import gc
 import heapq
 import logging
-import time
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.apps import apps
 from django.db import connections
-from django.db.models import Count, F, Max
-from kombu.exceptions import OperationalError as BrokerError
+from django.db.models import F
 
-from cluster_singletons import context, deliveries, health, ledger, metrics, planning, schedules
+from cluster_singletons import deliveries, health, ledger, metrics, outbox, planning, refresh
 from cluster_singletons.clock import Clock, SystemClock
 from cluster_singletons.conf import ClusterSettings, get_settings
-from cluster_singletons.errors import describe
 from cluster_singletons.leadership import Leadership
 from cluster_singletons.leases import Term
 from cluster_singletons.models import Run, ScheduleRecord
 from cluster_singletons.planning import Entry
-from cluster_singletons.schedules import Schedule, load_all
+from cluster_singletons.schedules import Schedule
 
 logger = logging.getLogger("cluster_singletons.beat")
 
@@ -47,13 +49,13 @@ _FULL_REFRESH = 60.0
 _PENDING_POLL = 1.0
 _DELIVERY_POLL = 0.5
 _MAX_BATCH = 5000
+#: Schedules planned ahead of their tick per pass at most, so that recording a burst
+#: ahead (a thousand crontabs due at the same second) never holds up runs already due.
+_AHEAD_PER_PASS = 100
 _HEARTBEAT_EVERY = 1.0
-#: Published runs are marked in chunks of this many.
-_MARK_EVERY = 200
-#: A tick published later than this after it was due counts as late.
-_LATE = 1.0
-_BROKER_ERRORS = (BrokerError, ConnectionError, OSError)
 _NEVER = datetime.max.replace(tzinfo=UTC)
+#: (due, sequence, schedule key)
+_Due = tuple[datetime, int, str]
 
 
 class BeatEngine:
@@ -71,25 +73,42 @@ class BeatEngine:
         self.clock: Clock = clock or SystemClock()
         self.using = self.settings.database
         self._entries: dict[str, Entry] = {}
+        self._schedules: dict[str, Schedule] = {}
+        #: In-runner ``@cron`` functions by schedule key.
+        self._functions: dict[str, outbox.Function] = {}
         self._policy = planning.Policy(
             skip_if_older_than=self.settings.skip_if_older_than, overlap=self.settings.overlap
         )
-        self._heap: list[tuple[datetime, int, str]] = []
+        self._lookahead = timedelta(seconds=self.settings.beat_lookahead)
+        self._heap: list[_Due] = []
+        #: Schedules planned only when due: their previous run is still open.
+        self._waiting: list[_Due] = []
         self._seq = 0
-        self._paused: set[str] = set()
+        self._paused: frozenset[str] = frozenset()
         self._signature: object = None
+        self._watcher: refresh.Watcher | None = None
         self._next_refresh = self._next_full = self._next_pending = self._next_delivery = (
             self.clock.now()
         )
         self._upcoming: dict[int, datetime] = {}
         self._next_heartbeat = self.clock.now()
-        self._executor: ThreadPoolExecutor | None = None
+        self._outbox = outbox.Outbox(
+            app, using=self.using, clock=self.clock, after_publish=self._after_publish
+        )
 
     # -- hosting -----------------------------------------------------------------------
 
     def run(self, leadership: Leadership) -> None:
         """Leader work for the ``beat`` lease: load, then step until the term ends."""
         self.start(leadership)
+        # What was just loaded lives as long as the term: keep the collector from walking it
+        # (a full collection over a hundred thousand schedules stalls dispatch ~0.3 s).
+        gc.collect()
+        gc.freeze()
+        self._watcher = refresh.Watcher(
+            self._look, interval=self.settings.beat_refresh_interval, using=self.using
+        )
+        self._watcher.start()
         try:
             window = self.settings.beat_batch_window
             while leadership.running:
@@ -99,17 +118,22 @@ class BeatEngine:
                 if delay > 0:
                     leadership.sleep(delay)
         finally:
-            if self._executor is not None:
-                self._executor.shutdown(wait=False, cancel_futures=True)
-                self._executor = None
+            self._watcher.stop()
+            self._watcher = None
+            self._outbox.close()
+            gc.unfreeze()
 
     def start(self, leadership: Leadership) -> None:
         now = self.clock.now()
         self._entries.clear()
         self._heap.clear()
-        self._load(now, full=True, term=leadership.term)
+        self._waiting.clear()
+        self._outbox.clear()
+        self._apply(self._look(full=True), now, leadership.term)
         self._open_runs(now)
-        self._republish(leadership)
+        # Take over what a previous leader recorded and did not publish, including ticks
+        # it recorded ahead: those go out when due.
+        self._republish(now, leadership, ahead=self._lookahead)
         logger.info(
             "beat leader (epoch %s): %d schedules, next due %s",
             leadership.term.epoch,
@@ -122,21 +146,26 @@ class BeatEngine:
     def step(self, leadership: Leadership) -> datetime:
         """One pass at the clock's ``now``; returns when the next one is due."""
         now = self.clock.now()
+        self._publish_due(now, leadership)
         if now >= self._next_refresh:
-            full = now >= self._next_full and connections[self.using].vendor != "postgresql"
-            self._load(now, full=full, term=leadership.term)
+            self._refresh(now, leadership.term)
         due = self._pop_due(now)
         if due:
             self._dispatch_due(due, now, leadership)
+            self._publish_due(now, leadership)
         if now >= self._next_pending:
-            self._republish(leadership)
+            self._republish(now, leadership)
         if now >= min(self._next_delivery, self._next_upcoming):
             self._deliver(now, leadership)
         if now >= self._next_heartbeat:
             self._heartbeat(now, leadership.term)
         wake = [self._next_refresh, self._next_pending, self._next_delivery, self._next_upcoming]
         if self._heap:
-            wake.append(self._heap[0][0])
+            wake.append(self._heap[0][0] - self._lookahead)
+        if self._waiting:
+            wake.append(self._waiting[0][0])
+        if self._outbox.next_at is not None:
+            wake.append(self._outbox.next_at)
         return min(wake)
 
     @property
@@ -156,18 +185,29 @@ class BeatEngine:
         )
 
     def _pop_due(self, now: datetime) -> list[Entry]:
+        """The schedules due by ``now`` and, at most ``_AHEAD_PER_PASS`` of them, by
+        ``now + beat_lookahead``; waiting ones only once due."""
         due: list[Entry] = []
-        while self._heap and self._heap[0][0] <= now and len(due) < _MAX_BATCH:
-            at, _, key = heapq.heappop(self._heap)
-            entry = self._entries.get(key)
-            if entry is not None and entry.due == at:
-                due.append(entry)
+        horizon, ahead = now + self._lookahead, 0
+        for heap, until in ((self._waiting, now), (self._heap, horizon)):
+            while heap and heap[0][0] <= until and len(due) < _MAX_BATCH:
+                at = heap[0][0]
+                if at > now:
+                    if ahead >= _AHEAD_PER_PASS:
+                        break
+                    ahead += 1
+                _, _, key = heapq.heappop(heap)
+                entry = self._entries.get(key)
+                if entry is not None and entry.due == at:
+                    due.append(entry)
         return due
 
-    def _push(self, entry: Entry) -> None:
+    def _push(self, entry: Entry, heap: list[_Due] | None = None) -> None:
         if entry.due is not None:
             self._seq += 1
-            heapq.heappush(self._heap, (entry.due, self._seq, entry.schedule.key))
+            heapq.heappush(
+                self._heap if heap is None else heap, (entry.due, self._seq, entry.schedule.key)
+            )
 
     # -- planning ----------------------------------------------------------------------
 
@@ -180,17 +220,27 @@ class BeatEngine:
         done = ledger.finished(open_ids, using=self.using) if open_ids else set()
         intents: list[ledger.Intent] = []
         last_ticks: dict[str, datetime] = {}
+        planned: list[Entry] = []
         for entry in due:
             if entry.open_run is not None and (
                 entry.open_run in done
                 or (now - (entry.open_since or now)).total_seconds() > self.settings.overlap_timeout
             ):
                 entry.open_run = entry.open_since = None
+            at = max(now, entry.due or now)
+            if (
+                at > now
+                and entry.open_run is not None
+                and self._policy.overlap_of(entry.schedule) != "allow_all"
+            ):
+                self._push(entry, self._waiting)  # the policy decides when the tick is due
+                continue
             before = entry.last_tick
             paused = entry.schedule.key in self._paused
-            intents.extend(planning.plan(entry, now, paused=paused, policy=self._policy))
+            intents.extend(planning.plan(entry, at, paused=paused, policy=self._policy))
             if entry.last_tick is not None and entry.last_tick != before:
                 last_ticks[entry.schedule.key] = entry.last_tick
+            planned.append(entry)
         rows = ledger.record(
             intents,
             last_ticks=last_ticks,
@@ -208,118 +258,25 @@ class BeatEngine:
         for run in pending:
             opened = self._entries.get(run.schedule)
             if opened is not None:
-                opened.open_run, opened.open_since = run.task_id, now
-        for entry in due:
+                opened.open_run, opened.open_since = run.task_id, max(now, run.tick)
+        for entry in planned:
             self._push(entry)
-        self._publish(pending, leadership)
+        self._enqueue(pending, leadership)
 
     # -- publishing --------------------------------------------------------------------
 
-    def _publish(self, runs: list[Run], leadership: Leadership) -> None:
-        """Publish recorded intents while this term is believed; mark the sent ones."""
-        if not runs:
-            return
-        sent: list[Run] = []
-        with self.app.producer_or_acquire() as producer:  # one connection for the batch
-            for run in runs:
-                if not leadership.running:
-                    break  # deposed or stopping: the next leader publishes the rest
-                if not self._sent(run, leadership.term, producer):
-                    break
-                sent.append(run)
-                if len(sent) >= _MARK_EVERY:  # a crash re-publishes at most this many
-                    self._mark(sent)
-                    sent = []
-        self._mark(sent)
+    def _enqueue(self, runs: list[Run], leadership: Leadership) -> None:
+        """Hand recorded runs to the outbox (their messages are built now); if the broker
+        cannot be asked, they stay pending and the retry poll picks them up."""
+        if runs and not self._outbox.add(runs, leadership.term, self._functions):
+            self._broker_failed()
 
-    def _mark(self, runs: list[Run]) -> None:
-        if runs:
-            ledger.mark_published([r.task_id for r in runs], using=self.using)
-            self._after_publish(runs)
+    def _publish_due(self, now: datetime, leadership: Leadership) -> None:
+        if not self._outbox.publish_due(now, leadership):
+            self._broker_failed()
 
-    def _sent(self, run: Run, term: Term, producer: Any) -> bool:
-        """Publish one run; False (logged, retried later) if the broker refused it."""
-        try:
-            self._send(run, term, producer)
-        except _BROKER_ERRORS as exc:
-            logger.warning(
-                "publishing %s for %s failed (%s); it stays pending and is retried",
-                run.task_id,
-                run.schedule,
-                describe(exc),
-            )
-            self._next_pending = self.clock.now() + timedelta(
-                seconds=self.settings.retry_backoff_max
-            )
-            return False
-        if run.kind == Run.Kind.SCHEDULED:
-            late = (self.clock.now() - run.tick).total_seconds()
-            metrics.DISPATCH_LATENESS.observe(late)
-            if late > _LATE:
-                metrics.TICKS_LATE.labels(metrics.schedule_label(run.schedule)).inc()
-        return True
-
-    def _send(self, run: Run, term: Term, producer: Any) -> None:
-        fields = {
-            "runner": term.runner_id,
-            "is_leader": True,
-            "epoch": term.epoch,
-            "schedule": run.schedule,
-            "tick": run.tick.isoformat(),
-            "task_id": run.task_id,
-        }
-        entry = self._entries.get(run.schedule)
-        message = ledger.message(run)
-        with context.within_cluster(**fields):
-            if entry is not None and entry.schedule.fn is not None:
-                self._call(entry.schedule, run, term)
-                return
-            options = dict(message.get("options") or {})
-            self.app.send_task(
-                run.task,
-                args=message.get("args") or (),
-                kwargs=message.get("kwargs") or {},
-                task_id=run.task_id,
-                producer=producer,
-                retry=True,
-                retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.5},
-                **options,
-            )
-
-    def _call(self, schedule: Schedule, run: Run, term: Term) -> None:
-        """Run an in-runner ``@cron`` function in the leader's pool, reporting its end."""
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="cron")
-        ctx = context.get()
-        fn = schedule.fn
-        assert fn is not None
-
-        def call() -> None:
-            token = context.activate(ctx)
-            status, error = Run.Status.SUCCEEDED, None
-            started = time.monotonic()
-            try:
-                ledger.report(run.task_id, Run.Status.STARTED, using=self.using)
-                fn(run)
-            except Exception as exc:
-                status, error = Run.Status.FAILED, describe(exc)
-                metrics.ERRORS.labels(schedule.name, type(exc).__name__).inc()
-                logger.exception("cron %s failed for tick %s", schedule.key, run.tick.isoformat())
-            finally:
-                ledger.report(run.task_id, status, using=self.using)
-                health.record(
-                    schedule.key,
-                    runner_id=term.runner_id,
-                    epoch=term.epoch,
-                    interval=0.0,
-                    error=error,
-                    duration=time.monotonic() - started,
-                    using=self.using,
-                )
-                context.deactivate(token)
-                connections.close_all()
-
-        self._executor.submit(call)
+    def _broker_failed(self) -> None:
+        self._next_pending = self.clock.now() + timedelta(seconds=self.settings.retry_backoff_max)
 
     def _after_publish(self, runs: list[Run]) -> None:
         """Keep django-celery-beat's bookkeeping true for its admin: last run, run count,
@@ -337,13 +294,21 @@ class BeatEngine:
         if one_off:
             tasks.filter(name__in=one_off).update(enabled=False)
 
-    def _republish(self, leadership: Leadership) -> None:
-        """Publish intents left pending: by a crashed leader, a broker outage, a manual run."""
-        self._next_pending = self.clock.now() + timedelta(seconds=_PENDING_POLL)
-        runs = ledger.pending(using=self.using)
+    def _republish(
+        self, now: datetime, leadership: Leadership, *, ahead: timedelta = timedelta(0)
+    ) -> None:
+        """Publish intents left pending and due by ``now + ahead``: by a crashed leader, a
+        broker outage, a manual run (the outbox's own runs are left to it)."""
+        self._next_pending = now + timedelta(seconds=_PENDING_POLL)
+        runs = [
+            r
+            for r in ledger.pending(until=now + ahead, using=self.using)
+            if r.task_id not in self._outbox.task_ids
+        ]
         if runs:
             logger.info("publishing %d pending intent(s) with their recorded task ids", len(runs))
-            self._publish(runs, leadership)
+            self._enqueue(runs, leadership)
+            self._publish_due(now, leadership)
 
     # -- delayed delivery --------------------------------------------------------------
 
@@ -361,25 +326,38 @@ class BeatEngine:
         rows = deliveries.claim(
             ready, term=leadership.term, using=self.using, ttl=self.settings.lease_ttl
         )
-        self._publish(rows, leadership)
+        self._enqueue(rows, leadership)
+        self._publish_due(now, leadership)
 
     # -- loading -----------------------------------------------------------------------
 
-    def _load(self, now: datetime, *, full: bool, term: Term) -> None:
+    def _look(self, *, full: bool = False) -> refresh.Seen:
+        return refresh.look(
+            self.app,
+            using=self.using,
+            signature=self._signature,
+            previous=self._schedules,
+            full=full,
+        )
+
+    def _refresh(self, now: datetime, term: Term) -> None:
+        """Apply what the refresh thread saw; without one (a test's clock), look now."""
         self._next_refresh = now + timedelta(seconds=self.settings.beat_refresh_interval)
-        self._paused = set(
-            ScheduleRecord.objects.using(self.using)
-            .filter(paused=True)
-            .values_list("key", flat=True)
-        )
-        signature = self._source_signature()
-        if not full and signature == self._signature:
+        if self._watcher is not None:
+            seen = self._watcher.take()
+        else:
+            full = now >= self._next_full and connections[self.using].vendor != "postgresql"
+            seen = self._look(full=full)
+        if seen is not None:
+            self._apply(seen, now, term)
+
+    def _apply(self, seen: refresh.Seen, now: datetime, term: Term) -> None:
+        self._paused = seen.paused
+        if seen.found is None:
             return
-        self._signature = signature
+        self._signature = seen.signature
         self._next_full = now + timedelta(seconds=_FULL_REFRESH)
-        found = load_all(
-            self.app, using=self.using, previous={k: e.schedule for k, e in self._entries.items()}
-        )
+        found = seen.found
         known = self._entries
         new_keys = [k for k in found if k not in known]
         records = self._records(new_keys) if new_keys else {}
@@ -406,27 +384,10 @@ class BeatEngine:
             updated.next_tick = updated.due = schedule.first_tick_after(start)
             known[key] = updated
             self._push(updated)
+        self._schedules = {k: e.schedule for k, e in known.items()}
+        self._functions = {k: s.fn for k, s in self._schedules.items() if s.fn is not None}
         if problems:
             self._flag(problems, now, term)
-
-    def _source_signature(self) -> object:
-        """Changes when django-celery-beat's schedules change. On PostgreSQL it is a digest
-        of every defining column, computed by the server, so bulk ``update()``s are seen
-        too and nothing is reread otherwise; elsewhere a cheap summary, completed by the
-        full reread every minute."""
-        if not apps.is_installed("django_celery_beat"):
-            return None
-        from django_celery_beat.models import PeriodicTask, PeriodicTasks
-
-        if connections[self.using].vendor == "postgresql":
-            with connections[self.using].cursor() as cursor:
-                cursor.execute(schedules.periodic_digest_sql())
-                return cursor.fetchone()
-        stats = PeriodicTask.objects.using(self.using).aggregate(
-            n=Count("id"), changed=Max("date_changed")
-        )
-        last = PeriodicTasks.objects.using(self.using).values_list("last_update", flat=True)
-        return stats["n"], stats["changed"], list(last)
 
     def _records(self, keys: list[str]) -> dict[str, datetime | None]:
         found: dict[str, datetime | None] = {}

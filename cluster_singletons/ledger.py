@@ -181,19 +181,21 @@ def message(run: Run) -> dict[str, Any]:
     return decoded
 
 
-def mark_published(task_ids: Sequence[str], *, using: str) -> None:
-    """``pending`` -> ``published`` (a worker may already have reported it started)."""
+def mark_published(task_ids: Sequence[str], *, at: datetime | None = None, using: str) -> None:
+    """``pending`` -> ``published`` at ``at`` (default: the database's now); a worker may
+    already have reported it started."""
     if task_ids:
         Run.objects.using(using).filter(task_id__in=task_ids, status=Run.Status.PENDING).update(
-            status=Run.Status.PUBLISHED, published_at=Now()
+            status=Run.Status.PUBLISHED, published_at=Now() if at is None else at
         )
 
 
-def pending(*, using: str, limit: int = 1000) -> list[Run]:
-    """Intents recorded but never marked published, oldest first."""
+def pending(*, until: datetime, using: str, limit: int = 1000) -> list[Run]:
+    """Intents recorded but never marked published whose tick is due by ``until``, oldest
+    first (the leader records ticks a little ahead; those wait for their time)."""
     return list(
         Run.objects.using(using)
-        .filter(status=Run.Status.PENDING)
+        .filter(status=Run.Status.PENDING, tick__lte=until)
         .order_by("created_at", "id")[:limit]
     )
 

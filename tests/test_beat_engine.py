@@ -20,7 +20,7 @@ from django_celery_beat.models import (
     PeriodicTask,
 )
 
-from cluster_singletons import context, deliveries, leases, ledger, runners, schedules
+from cluster_singletons import context, deliveries, leases, ledger, refresh, runners, schedules
 from cluster_singletons.clock import FrozenClock
 from cluster_singletons.conf import get_settings
 from cluster_singletons.engine import BeatEngine
@@ -374,3 +374,67 @@ def test_calculate_next_run_from_previous_counts_from_the_actual_run(app: Celery
         ("beat:grid", at[10]),
         ("beat:grid", at[20]),
     ]
+
+
+def test_ticks_are_recorded_ahead_and_published_when_due(app: Celery) -> None:
+    _every(app, "ten", 10)
+    first = Leader(app)
+    first.at(9.5)  # within beat_lookahead of the tick: recorded, message built, not sent
+    ahead = Run.objects.get(schedule="beat:ten")
+    assert (ahead.tick, ahead.status) == (T0 + timedelta(seconds=10), Run.Status.PENDING)
+    assert _drain(app) == []
+    # The leader dies holding it; its successor leaves it alone until it is due.
+    second = Leader(app, wall=T0 + timedelta(seconds=9.6))
+    assert _drain(app) == []
+    second.at(10)
+    headers = _drain(app)
+    assert [h["id"] for h in headers] == [ahead.task_id]
+    ahead.refresh_from_db()
+    assert (ahead.status, ahead.published_at) == (Run.Status.PUBLISHED, T0 + timedelta(seconds=10))
+    second.at(11)
+    assert _drain(app) == [] and Run.objects.count() == 1
+
+
+def test_the_overlap_policy_is_applied_when_the_tick_is_due(app: Celery) -> None:
+    _every(app, "skip", 10, overlap="skip")
+    leader = Leader(app)
+    leader.at(10)
+    (first,) = _drain(app)
+    leader.at(19.5)  # the run of 10 s is still open: nothing decided ahead
+    assert Run.objects.count() == 1
+    ledger.report(first["id"], Run.Status.SUCCEEDED, using="default")
+    leader.at(20)
+    assert _ticks(app) == [(T0 + timedelta(seconds=20)).isoformat()]
+    assert not Run.objects.filter(status=Run.Status.SKIPPED).exists()
+    leader.at(29.5)  # open again, and still open when due: skipped then
+    assert Run.objects.count() == 2
+    leader.at(30)
+    assert Run.objects.get(status=Run.Status.SKIPPED).tick == T0 + timedelta(seconds=30)
+
+
+def test_the_refresh_thread_hands_over_edited_schedules(app: Celery) -> None:
+    every = IntervalSchedule.objects.create(every=10, period=IntervalSchedule.SECONDS)
+    task = _periodic("edited", interval=every, start_time=T0, queue="beat-test")
+    seen = refresh.look(app, using="default", signature=None, previous={}, full=True)
+    assert seen.found is not None and not seen.found["periodic:edited"].problem
+
+    def look() -> refresh.Seen:
+        return refresh.look(
+            app, using="default", signature=seen.signature, previous=seen.found or {}, full=False
+        )
+
+    watcher = refresh.Watcher(look, interval=0.05, using="default")
+    watcher.start()
+    try:
+        first = poll("a first look", watcher.take, timeout=10)
+        assert first.found is None, "nothing changed: nothing reread"
+        task.task = "no.such.task"
+        task.save()
+        ScheduleRecord.objects.create(key="periodic:edited", paused=True)
+        later = poll(
+            "the edit", lambda: (s := watcher.take()) and s.found is not None and s, timeout=10
+        )
+    finally:
+        watcher.stop()
+    assert later.paused == {"periodic:edited"}
+    assert later.found["periodic:edited"].problem == "unknown task 'no.such.task'"

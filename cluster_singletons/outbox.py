@@ -1,0 +1,250 @@
+"""The leading beat's outbox: recorded runs, their messages built ahead, published when due.
+
+A run enters the outbox once its intent is in the ledger, which for a scheduled tick is up
+to ``beat_lookahead`` before the tick. Celery builds its message then: ``send_task`` runs
+unchanged (routing, task options, the ``before_task_publish``/``after_task_publish``
+signals) against a stand-in producer that keeps what it would publish. When the tick falls
+due only the broker round trips are left: the kept messages go out through one real
+producer in batches (``Producer.batch``: one Redis pipeline per batch on kombu >= 5.7,
+message by message on transports without batches), and each flushed batch is marked
+published with the time it was flushed.
+
+A batch the broker refused stays ``pending`` in the ledger: the outbox is emptied and the
+engine publishes what is pending again, same task ids, when the broker is back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import itertools
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from django.db import connections
+from kombu.exceptions import KombuError
+
+from cluster_singletons import context, health, ledger, metrics
+from cluster_singletons.clock import Clock
+from cluster_singletons.errors import describe
+from cluster_singletons.leadership import Leadership
+from cluster_singletons.leases import Term
+from cluster_singletons.models import Run
+
+logger = logging.getLogger("cluster_singletons.beat")
+
+#: Broker failures: the runs concerned stay pending and are published again.
+BROKER_ERRORS = (KombuError, ConnectionError, OSError)
+#: Runs published per batch, and marked published together.
+BATCH = 200
+#: A tick published later than this after it was due counts as late.
+LATE = 1.0
+_RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.5}
+
+#: An in-runner ``@cron`` function, called with its run.
+Function = Callable[[Run], Any]
+
+
+class _Keeper:
+    """A producer stand-in: ``publish`` keeps its arguments; anything else Celery asks of a
+    producer (its connection, its channel for a result backend) is the real one's."""
+
+    def __init__(self, producer: Any) -> None:
+        self._producer = producer
+        self.kept: list[tuple[Any, dict[str, Any]]] = []
+
+    def publish(self, body: Any, **kwargs: Any) -> None:
+        self.kept.append((body, kwargs))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._producer, name)
+
+
+@dataclass(order=True, frozen=True)
+class Outgoing:
+    """A recorded run and what publishing it takes: Celery's messages, or a function."""
+
+    tick: datetime
+    seq: int
+    run: Run = field(compare=False)
+    messages: tuple[tuple[Any, dict[str, Any]], ...] = field(compare=False, default=())
+    fn: Function | None = field(compare=False, default=None)
+
+
+class Outbox:
+    """The runs one leader term has recorded and not yet published, by tick."""
+
+    def __init__(
+        self,
+        app: Any,
+        *,
+        using: str,
+        clock: Clock,
+        after_publish: Callable[[list[Run]], None],
+    ) -> None:
+        self.app = app
+        self.using = using
+        self.clock = clock
+        self._after_publish = after_publish
+        self._heap: list[Outgoing] = []
+        self._seq = itertools.count()
+        self.task_ids: set[str] = set()
+        self._executor: ThreadPoolExecutor | None = None
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    @property
+    def next_at(self) -> datetime | None:
+        """When the first run in the outbox falls due (None: empty)."""
+        return self._heap[0].tick if self._heap else None
+
+    def add(self, runs: list[Run], term: Term, functions: Mapping[str, Function]) -> bool:
+        """Build the messages of ``runs``; False (logged) if the broker could not be asked,
+        in which case the runs stay pending in the ledger only."""
+        prepared = []
+        try:
+            with self.app.producer_or_acquire() as producer:
+                for run in runs:
+                    fn = functions.get(run.schedule)
+                    messages = () if fn is not None else self._messages(run, term, producer)
+                    prepared.append(Outgoing(run.tick, next(self._seq), run, messages, fn))
+        except BROKER_ERRORS as exc:
+            logger.warning(
+                "preparing %d run(s) failed (%s); they stay pending and are retried",
+                len(runs),
+                describe(exc),
+            )
+            return False
+        for outgoing in prepared:
+            heapq.heappush(self._heap, outgoing)
+            self.task_ids.add(outgoing.run.task_id)
+        return True
+
+    def _messages(self, run: Run, term: Term, producer: Any) -> tuple[Any, ...]:
+        message = ledger.message(run)
+        keeper = _Keeper(producer)
+        with context.within_cluster(**_context_fields(run, term)):
+            self.app.send_task(
+                run.task,
+                args=message.get("args") or (),
+                kwargs=message.get("kwargs") or {},
+                task_id=run.task_id,
+                producer=keeper,
+                retry=True,
+                retry_policy=_RETRY_POLICY,
+                **dict(message.get("options") or {}),
+            )
+        return tuple(keeper.kept)
+
+    def publish_due(self, now: datetime, leadership: Leadership) -> bool:
+        """Publish every run due by ``now`` while the term is believed; False if the
+        broker refused a batch (the outbox is then emptied: its runs stay pending)."""
+        while self._heap and self._heap[0].tick <= now:
+            if not leadership.running:
+                return True  # deposed or stopping: the next leader publishes the rest
+            batch: list[Outgoing] = []
+            while self._heap and self._heap[0].tick <= now and len(batch) < BATCH:
+                batch.append(heapq.heappop(self._heap))
+            if not self._flush(batch, leadership.term):
+                self.clear()
+                return False
+        return True
+
+    def _flush(self, batch: list[Outgoing], term: Term) -> bool:
+        try:
+            with self.app.producer_or_acquire() as producer, _batched(producer):
+                for outgoing in batch:
+                    for body, kwargs in outgoing.messages:
+                        producer.publish(body, **kwargs)
+        except BROKER_ERRORS as exc:
+            logger.warning(
+                "publishing %d run(s) failed (%s); they stay pending and are retried",
+                len(batch),
+                describe(exc),
+            )
+            return False
+        at = self.clock.now()
+        runs = [o.run for o in batch]
+        ledger.mark_published([r.task_id for r in runs], at=at, using=self.using)
+        for outgoing in batch:
+            self.task_ids.discard(outgoing.run.task_id)
+            if outgoing.fn is not None:
+                self._call(outgoing.fn, outgoing.run, term)
+            if outgoing.run.kind == Run.Kind.SCHEDULED:
+                late = (at - outgoing.run.tick).total_seconds()
+                metrics.DISPATCH_LATENESS.observe(late)
+                if late > LATE:
+                    metrics.TICKS_LATE.labels(metrics.schedule_label(outgoing.run.schedule)).inc()
+        self._after_publish(runs)
+        return True
+
+    def clear(self) -> None:
+        self._heap.clear()
+        self.task_ids.clear()
+
+    def close(self) -> None:
+        self.clear()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+    def _call(self, fn: Function, run: Run, term: Term) -> None:
+        """Run an in-runner ``@cron`` function in the leader's pool, reporting its end."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="cron")
+        fields = _context_fields(run, term)
+        using = self.using
+
+        def call() -> None:
+            status, error = Run.Status.SUCCEEDED, None
+            started = time.monotonic()
+            with context.within_cluster(**fields):
+                try:
+                    ledger.report(run.task_id, Run.Status.STARTED, using=using)
+                    fn(run)
+                except Exception as exc:
+                    status, error = Run.Status.FAILED, describe(exc)
+                    metrics.ERRORS.labels(run.schedule.partition(":")[2], type(exc).__name__).inc()
+                    logger.exception("cron %s failed for tick %s", run.schedule, run.tick)
+                finally:
+                    ledger.report(run.task_id, status, using=using)
+                    health.record(
+                        run.schedule,
+                        runner_id=term.runner_id,
+                        epoch=term.epoch,
+                        interval=0.0,
+                        error=error,
+                        duration=time.monotonic() - started,
+                        using=using,
+                    )
+                    connections.close_all()
+
+        self._executor.submit(call)
+
+
+def _context_fields(run: Run, term: Term) -> dict[str, Any]:
+    return {
+        "runner": term.runner_id,
+        "is_leader": True,
+        "epoch": term.epoch,
+        "schedule": run.schedule,
+        "tick": run.tick.isoformat(),
+        "task_id": run.task_id,
+    }
+
+
+@contextlib.contextmanager
+def _batched(producer: Any) -> Iterator[None]:
+    """One broker round trip for the batch where kombu can (``Producer.batch``, 5.7+)."""
+    batch = getattr(producer, "batch", None)
+    if batch is None:
+        yield
+        return
+    with batch(max_size=BATCH * 4):
+        yield
