@@ -27,9 +27,10 @@ drained (the last 50 rows published < 1 s late; at most ``--max-warmup`` s after
 publication; the catch-up of ticks due before the window is reported apart), and lasts
 ``--duration`` s; CPU = utime+stime of the process from ``/proc/<pid>/stat`` at both ends;
 after it the leader gets up to ``--grace`` s to publish every tick due in the window, then
-is stopped. Lateness = ``published_at - tick`` (both
-database time) over the ledger rows whose tick falls in the window; throughput = rows
-whose ``published_at`` falls in it. The broker check counts the messages in the Redis
+is stopped. Lateness = ``published_at - tick`` over the ledger rows whose tick falls in
+the window, both on the leader's clock (the tick as it computed it; ``published_at`` the
+moment the batch holding the message was flushed to Redis, so every row of a batch shows
+the lateness of its last message); throughput = rows whose ``published_at`` falls in it. The broker check counts the messages in the Redis
 queue (LLEN, then every message's task id) against the ledger's published rows.
 
 DatabaseScheduler: ``celery -A project beat -S django_celery_beat.schedulers:DatabaseScheduler``
@@ -440,7 +441,11 @@ class Bench:
         per_second: dict[int, float] = {}
         late_sched: set[str] = set()
         unpublished = Counter()
-        per_tx = Counter(created for *_, created in rows)  # created_at = its transaction's start
+        # published_at is the time its batch was flushed: rows sharing one went out together
+        per_batch = Counter(published for _, _, published, *_ in rows if published is not None)
+        # created_at is the recording statement's time: how long before its tick a row was
+        # recorded (negative: after)
+        ahead = [(tick - created).total_seconds() * 1000 for _, tick, *_, created in rows]
         for key, tick, published, status, _, _ in rows:
             if published is None:
                 unpublished[status] += 1
@@ -491,10 +496,12 @@ class Bench:
                               sorted(per_second.items(), key=lambda kv: -kv[1])[:5]],
             "catch_up_before_window": lat_summary(before),
             "unpublished_in_window": dict(unpublished),
-            "rows_per_transaction": {"transactions": len(per_tx),
-                                     "mean": round(len(rows) / len(per_tx), 2) if per_tx else None,
-                                     "p50": pct(list(per_tx.values()), 0.5),
-                                     "max": max(per_tx.values(), default=None)},
+            "rows_per_publish_batch": {"batches": len(per_batch),
+                                       "mean": round(sum(per_batch.values()) / len(per_batch), 2)
+                                       if per_batch else None,
+                                       "p50": pct(list(per_batch.values()), 0.5),
+                                       "max": max(per_batch.values(), default=None)},
+            "recorded_ahead_of_tick": lat_summary(ahead),
             "late_over_1s_schedules": len(late_sched),
             "longest_publish_gaps": [
                 {"gap_s": round(g, 2), "from_s_since_spawn": round(at - t_spawn, 1)}
@@ -656,8 +663,8 @@ def print_table(results: list[dict[str, Any]]) -> None:
           ' with a skipped tick; overdue = schedules whose next due time from last_run_at is > '
           '1 s before the window end, in parentheses if the process did not exit cleanly '
           '(last_run_at not saved); broker=ledger = messages in the Redis queue vs ledger rows '
-          'published; published_at is written once per batch, after its last message is sent, '
-          'so every row of a batch shows the lateness of its last message)')
+          'published; published_at is the time the batch holding the message was flushed to '
+          'the broker, so every row of a batch shows the lateness of its last message)')
 
 
 def print_details(results: list[dict[str, Any]], db: str) -> None:
@@ -682,7 +689,8 @@ def print_details(results: list[dict[str, Any]], db: str) -> None:
         print(f"  leader ticks due in window {ld['ticks_due_in_window']}, recorded"
               f" {ld['ticks_recorded_in_window']}, unpublished {ld['unpublished_in_window']},"
               f" drained {cell(ld['drain_s'])}s after the window, ledger {ld['ledger_statuses']},"
-              f" rows per transaction {ld['rows_per_transaction']},"
+              f" rows per publish batch {ld['rows_per_publish_batch']},"
+              f" recorded ahead of the tick (ms) {ld['recorded_ahead_of_tick']},"
               f" coalesced rows {ld['coalesced_rows']}, skipped {ld['skipped']}")
         print(f"  leader broker {ld['broker']}; redis CPU {cell(ld['redis_cpu_s_per_min'])} s/min;"
               f" stop {ld['stop_s']}s clean={ld['stopped_cleanly']} exit={ld['exit_code']}")
