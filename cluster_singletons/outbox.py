@@ -145,16 +145,23 @@ class Outbox:
     def publish_due(self, now: datetime, leadership: Leadership) -> bool:
         """Publish every run due by ``now`` while the term is believed; False if the
         broker refused a batch (the outbox is then emptied: its runs stay pending)."""
-        while self._heap and self._heap[0].tick <= now:
-            if not leadership.running:
-                return True  # deposed or stopping: the next leader publishes the rest
-            batch: list[Outgoing] = []
-            while self._heap and self._heap[0].tick <= now and len(batch) < BATCH:
-                batch.append(heapq.heappop(self._heap))
-            if not self._flush(batch, leadership.term):
-                self.clear()
-                return False
-        return True
+        published: list[Run] = []
+        try:
+            while self._heap and self._heap[0].tick <= now:
+                if not leadership.running:
+                    return True  # deposed or stopping: the next leader publishes the rest
+                batch: list[Outgoing] = []
+                while self._heap and self._heap[0].tick <= now and len(batch) < BATCH:
+                    batch.append(heapq.heappop(self._heap))
+                if not self._flush(batch, leadership.term):
+                    self.clear()
+                    return False
+                published.extend(o.run for o in batch)
+            return True
+        finally:
+            # Bookkeeping outside the ledger waits until the due batches are out.
+            if published:
+                self._after_publish(published)
 
     def _flush(self, batch: list[Outgoing], term: Term) -> bool:
         try:
@@ -181,7 +188,6 @@ class Outbox:
                 metrics.DISPATCH_LATENESS.observe(late)
                 if late > LATE:
                     metrics.TICKS_LATE.labels(metrics.schedule_label(outgoing.run.schedule)).inc()
-        self._after_publish(runs)
         return True
 
     def clear(self) -> None:
