@@ -30,8 +30,9 @@ after it the leader gets up to ``--grace`` s to publish every tick due in the wi
 is stopped. Lateness = ``published_at - tick`` over the ledger rows whose tick falls in
 the window, both on the leader's clock (the tick as it computed it; ``published_at`` the
 moment the batch holding the message was flushed to Redis, so every row of a batch shows
-the lateness of its last message); throughput = rows whose ``published_at`` falls in it. The broker check counts the messages in the Redis
-queue (LLEN, then every message's task id) against the ledger's published rows.
+the lateness of its last message); throughput = rows whose ``published_at`` falls in it.
+The broker check counts the messages in the Redis queue (LLEN, then every message's task
+id) against the ledger's published rows.
 
 DatabaseScheduler: ``celery -A project beat -S django_celery_beat.schedulers:DatabaseScheduler``
 (default log level) on the same rows with another Redis db; startup = process start to
