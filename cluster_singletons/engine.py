@@ -53,6 +53,8 @@ _MAX_BATCH = 5000
 #: ahead (a thousand crontabs due at the same second) never holds up runs already due.
 _AHEAD_PER_PASS = 100
 _HEARTBEAT_EVERY = 1.0
+#: New schedules looked up in the ledger by key up to this many; more: one scan.
+_RECORDS_BY_KEY = 1000
 #: How often the leading beat takes what the refresh thread saw.
 _TAKE_EVERY = 0.25
 _NEVER = datetime.max.replace(tzinfo=UTC)
@@ -395,15 +397,13 @@ class BeatEngine:
             self._flag(problems, now, term)
 
     def _records(self, keys: list[str]) -> dict[str, datetime | None]:
-        found: dict[str, datetime | None] = {}
-        for start in range(0, len(keys), 5000):
-            chunk = keys[start : start + 5000]
-            found.update(
-                ScheduleRecord.objects.using(self.using)
-                .filter(key__in=chunk)
-                .values_list("key", "last_tick")
-            )
-        return found
+        """The ledger's last tick of these schedules (those it has)."""
+        records = ScheduleRecord.objects.using(self.using)
+        if len(keys) > _RECORDS_BY_KEY:  # a first load: one scan beats thousands of IN lists
+            wanted = set(keys)
+            rows = records.values_list("key", "last_tick").iterator(chunk_size=10_000)
+            return {key: tick for key, tick in rows if key in wanted}
+        return dict(records.filter(key__in=keys).values_list("key", "last_tick"))
 
     def _open_runs(self, now: datetime) -> None:
         since = now - timedelta(seconds=self.settings.overlap_timeout)

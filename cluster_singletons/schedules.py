@@ -299,16 +299,15 @@ def from_periodic_tasks(
 
 
 def _periodic(row: dict[str, Any], source_row: tuple[Any, ...]) -> Schedule:
-    key = f"periodic:{row['name']}"
-    base = Schedule(
-        key=key,
-        source="periodic",
-        timetable=None,
-        task=row["task"],
-        changed_at=_aware(row["date_changed"]),
-        last_run_at=_aware(row["last_run_at"]),
-        source_row=source_row,
-    )
+    identity: dict[str, Any] = {
+        "key": f"periodic:{row['name']}",
+        "source": "periodic",
+        "task": row["task"],
+        "enabled": bool(row["enabled"]),
+        "changed_at": _aware(row["date_changed"]),
+        "last_run_at": _aware(row["last_run_at"]),
+        "source_row": source_row,
+    }
     try:
         options = {k: row[k] for k in ("queue", "exchange", "routing_key", "priority") if row[k]}
         headers = _json(row["headers"] or "{}", "headers", dict)
@@ -316,19 +315,18 @@ def _periodic(row: dict[str, Any], source_row: tuple[Any, ...]) -> Schedule:
             options["headers"] = headers
         if row["expire_seconds"]:
             options["expires"] = int(row["expire_seconds"])
-        return replace(
-            base,
+        return Schedule(
+            **identity,
             timetable=_periodic_timetable(row),
             args=tuple(_json(row["args"] or "[]", "args", list)),
             kwargs=_json(row["kwargs"] or "{}", "kwargs", dict),
             options=options,
             one_off=bool(row["one_off"]),
-            enabled=bool(row["enabled"]),
             start_time=_aware(row["start_time"]),
             expires=_aware(row["expires"]),
         )
     except ScheduleInvalid as exc:
-        return replace(base, problem=str(exc), enabled=bool(row["enabled"]))
+        return Schedule(**identity, timetable=None, problem=str(exc))
 
 
 def _periodic_timetable(row: dict[str, Any]) -> Timetable:

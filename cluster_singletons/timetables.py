@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, tzinfo
 from functools import lru_cache
 from typing import Any, Protocol
@@ -64,10 +64,6 @@ class Cron:
 
     expression: str
     tz: tzinfo = UTC
-    #: Parsing the expression costs five times a step: one iterator per thread, reused.
-    _walkers: threading.local = field(
-        default_factory=threading.local, init=False, repr=False, compare=False, hash=False
-    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.expression, str) or len(self.expression.split()) != 5:
@@ -87,12 +83,7 @@ class Cron:
             # be behind ticks that are already past, so walk from before the change; the
             # loop skips those.
             start = earlier.replace(tzinfo=None)
-        walkers = self._walkers
-        walk: croniter | None = getattr(walkers, "walk", None)
-        if walk is None:
-            walk = walkers.walk = croniter(self.expression, start)
-        else:
-            walk.set_current(start, force=True)
+        walk = _walker(self.expression, start)
         for _ in range(100_000):
             candidate = _to_utc(walk.get_next(datetime), self.tz)
             if candidate > after:
@@ -186,6 +177,27 @@ class Solar:
 @lru_cache(maxsize=4096)
 def _valid_cron(expression: str) -> bool:
     return bool(croniter.is_valid(expression))
+
+
+#: Parsing an expression costs five times a step: one iterator per expression and thread,
+#: shared by every schedule with that expression (thousands of crontabs share a handful).
+_walkers = threading.local()
+_WALKERS_MAX = 4096
+
+
+def _walker(expression: str, start: datetime) -> croniter:
+    """This thread's iterator over ``expression``, positioned at ``start``."""
+    cache: dict[str, croniter] | None = getattr(_walkers, "by_expression", None)
+    if cache is None:
+        cache = _walkers.by_expression = {}
+    walk = cache.get(expression)
+    if walk is None:
+        if len(cache) >= _WALKERS_MAX:
+            cache.clear()
+        walk = cache[expression] = croniter(expression, start)
+    else:
+        walk.set_current(start, force=True)
+    return walk
 
 
 def preview(timetable: Timetable, count: int, *, after: datetime) -> list[datetime]:
