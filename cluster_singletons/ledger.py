@@ -190,6 +190,14 @@ def mark_published(task_ids: Sequence[str], *, at: datetime | None = None, using
         )
 
 
+def fail(reasons: dict[str, str], *, using: str) -> None:
+    """``pending`` -> ``error`` for runs that can never be published (task id: why)."""
+    for task_id_, reason in reasons.items():
+        Run.objects.using(using).filter(task_id=task_id_, status=Run.Status.PENDING).update(
+            status=Run.Status.ERROR, reason=reason, finished_at=Now()
+        )
+
+
 def pending(*, until: datetime, using: str, limit: int = 1000) -> list[Run]:
     """Intents recorded but never marked published whose tick is due by ``until``, oldest
     first (the leader records ticks a little ahead; those wait for their time)."""

@@ -27,7 +27,8 @@ from datetime import datetime
 from typing import Any
 
 from django.db import connections
-from kombu.exceptions import KombuError
+from kombu import exceptions as kombu_errors
+from kombu.serialization import dumps
 
 from cluster_singletons import context, health, ledger, metrics
 from cluster_singletons.clock import Clock
@@ -38,8 +39,14 @@ from cluster_singletons.models import Run
 
 logger = logging.getLogger("cluster_singletons.beat")
 
-#: Broker failures: the runs concerned stay pending and are published again.
-BROKER_ERRORS = (KombuError, ConnectionError, OSError)
+#: Broker failures: the runs concerned stay pending and are published again (a batch that
+#: failed may have been delivered in part: kombu cannot tell, the same task ids can).
+BROKER_ERRORS = (
+    kombu_errors.OperationalError,
+    getattr(kombu_errors, "BatchPublishError", kombu_errors.OperationalError),
+    ConnectionError,
+    OSError,
+)
 #: Runs published per batch, and marked published together.
 BATCH = 200
 #: A tick published later than this after it was due counts as late.
@@ -108,11 +115,22 @@ class Outbox:
         """Build the messages of ``runs``; False (logged) if the broker could not be asked,
         in which case the runs stay pending in the ledger only."""
         prepared = []
+        unpublishable: dict[str, str] = {}
         try:
             with self.app.producer_or_acquire() as producer:
                 for run in runs:
                     fn = functions.get(run.schedule)
-                    messages = () if fn is not None else self._messages(run, term, producer)
+                    try:
+                        messages = () if fn is not None else self._messages(run, term, producer)
+                    except BROKER_ERRORS:
+                        raise
+                    except Exception as exc:  # this run only: its row says why, others go on
+                        logger.exception(
+                            "the message of %s for %s cannot be built", run.task_id, run.schedule
+                        )
+                        metrics.SCHEDULE_ERRORS.labels(metrics.schedule_label(run.schedule)).inc()
+                        unpublishable[run.task_id] = f"message cannot be built: {describe(exc)}"
+                        continue
                     prepared.append(Outgoing(run.tick, next(self._seq), run, messages, fn))
         except BROKER_ERRORS as exc:
             logger.warning(
@@ -121,6 +139,8 @@ class Outbox:
                 describe(exc),
             )
             return False
+        if unpublishable:
+            ledger.fail(unpublishable, using=self.using)
         for outgoing in prepared:
             heapq.heappush(self._heap, outgoing)
             self.task_ids.add(outgoing.run.task_id)
@@ -140,7 +160,7 @@ class Outbox:
                 retry_policy=_RETRY_POLICY,
                 **dict(message.get("options") or {}),
             )
-        return tuple(keeper.kept)
+        return tuple(_serialized(body, kwargs, producer) for body, kwargs in keeper.kept)
 
     def publish_due(self, now: datetime, leadership: Leadership) -> bool:
         """Publish every run due by ``now`` while the term is believed; False if the
@@ -232,6 +252,17 @@ class Outbox:
                     connections.close_all()
 
         self._executor.submit(call)
+
+
+def _serialized(body: Any, kwargs: dict[str, Any], producer: Any) -> tuple[Any, dict[str, Any]]:
+    """The body serialized now, as ``Producer.publish`` would when it is sent: a body that
+    cannot be is found while the run is recorded, and sending costs less."""
+    if kwargs.get("content_type"):
+        return body, kwargs
+    kwargs = dict(kwargs)
+    serializer = kwargs.pop("serializer", None) or producer.serializer
+    kwargs["content_type"], kwargs["content_encoding"], body = dumps(body, serializer=serializer)
+    return body, kwargs
 
 
 def _context_fields(run: Run, term: Term) -> dict[str, Any]:

@@ -438,3 +438,18 @@ def test_the_refresh_thread_hands_over_edited_schedules(app: Celery) -> None:
         watcher.stop()
     assert later.paused == {"periodic:edited"}
     assert later.found["periodic:edited"].problem == "unknown task 'no.such.task'"
+
+
+def test_a_run_whose_message_cannot_be_built_is_an_error_row_and_the_rest_run(
+    app: Celery,
+) -> None:
+    _every(app, "good", 10)
+    _every(app, "bad", 10, expires="not a date")  # Celery cannot parse it when sending
+    leader = Leader(app)
+    leader.at(10)
+    leader.at(20)
+    assert _ticks(app) == [(T0 + timedelta(seconds=s)).isoformat() for s in (10, 20)]
+    bad = Run.objects.filter(schedule="beat:bad").order_by("tick")
+    assert [r.status for r in bad] == [Run.Status.ERROR, Run.Status.ERROR]
+    assert "message cannot be built" in bad[0].reason
+    assert not Run.objects.filter(status=Run.Status.PENDING, tick__lte=leader.clock.now()).exists()
