@@ -198,13 +198,12 @@ class Runner:
             self._heartbeat(now)
         if self._unreleased and may_lead:
             self._release_stepped_down(now)
-        due = [
-            slot
-            for slot in self._slots.values()
-            if slot.term is None and now >= slot.next_acquire and not slot.alive
-        ]
-        if due and may_lead:
-            self._acquire_due(due, now)
+        standing = [s for s in self._slots.values() if s.term is None and not s.alive]
+        if may_lead and any(now >= s.next_acquire for s in standing):
+            # One read serves every lease due now or within half an interval, so polls
+            # stay on one grid instead of drifting apart from their own late wake-ups.
+            horizon = now + self.settings.acquire_interval / 2
+            self._acquire_due([s for s in standing if s.next_acquire <= horizon], now)
         for slot in self._slots.values():
             if slot.term and slot.restart_at is not None and now >= slot.restart_at:
                 self._start_work(slot)
