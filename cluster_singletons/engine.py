@@ -156,7 +156,6 @@ class BeatEngine:
         due = self._pop_due(now)
         if due:
             self._dispatch_due(due, now, leadership)
-            self._publish_due(now, leadership)
         if now >= self._next_pending:
             self._republish(now, leadership)
         if now >= min(self._next_delivery, self._next_upcoming):
@@ -216,11 +215,7 @@ class BeatEngine:
     # -- planning ----------------------------------------------------------------------
 
     def _dispatch_due(self, due: list[Entry], now: datetime, leadership: Leadership) -> None:
-        open_ids = [
-            e.open_run
-            for e in due
-            if e.open_run is not None and self._policy.overlap_of(e.schedule) != "allow_all"
-        ]
+        open_ids = [e.open_run for e in due if e.open_run is not None and self._waits_for(e)]
         done = ledger.finished(open_ids, using=self.using) if open_ids else set()
         intents: list[ledger.Intent] = []
         last_ticks: dict[str, datetime] = {}
@@ -232,11 +227,7 @@ class BeatEngine:
             ):
                 entry.open_run = entry.open_since = None
             at = max(now, entry.due or now)
-            if (
-                at > now
-                and entry.open_run is not None
-                and self._policy.overlap_of(entry.schedule) != "allow_all"
-            ):
+            if at > now and entry.open_run is not None and self._waits_for(entry):
                 self._push(entry, self._waiting)  # the policy decides when the tick is due
                 continue
             before = entry.last_tick
@@ -265,15 +256,21 @@ class BeatEngine:
                 opened.open_run, opened.open_since = run.task_id, max(now, run.tick)
         for entry in planned:
             self._push(entry)
-        self._enqueue(pending, leadership)
+        self._enqueue(pending, now, leadership)
+
+    def _waits_for(self, entry: Entry) -> bool:
+        """Whether the schedule's overlap policy waits for its previous run to finish."""
+        return self._policy.overlap_of(entry.schedule) != "allow_all"
 
     # -- publishing --------------------------------------------------------------------
 
-    def _enqueue(self, runs: list[Run], leadership: Leadership) -> None:
-        """Hand recorded runs to the outbox (their messages are built now); if the broker
-        cannot be asked, they stay pending and the retry poll picks them up."""
+    def _enqueue(self, runs: list[Run], now: datetime, leadership: Leadership) -> None:
+        """Hand recorded runs to the outbox (their messages are built now) and publish
+        those due; if the broker cannot be asked, they stay pending and the retry poll
+        picks them up."""
         if runs and not self._outbox.add(runs, leadership.term, self._functions):
             self._broker_failed()
+        self._publish_due(now, leadership)
 
     def _publish_due(self, now: datetime, leadership: Leadership) -> None:
         if not self._outbox.publish_due(now, leadership):
@@ -311,8 +308,7 @@ class BeatEngine:
         ]
         if runs:
             logger.info("publishing %d pending intent(s) with their recorded task ids", len(runs))
-            self._enqueue(runs, leadership)
-            self._publish_due(now, leadership)
+            self._enqueue(runs, now, leadership)
 
     # -- delayed delivery --------------------------------------------------------------
 
@@ -330,8 +326,7 @@ class BeatEngine:
         rows = deliveries.claim(
             ready, term=leadership.term, using=self.using, ttl=self.settings.lease_ttl
         )
-        self._enqueue(rows, leadership)
-        self._publish_due(now, leadership)
+        self._enqueue(rows, now, leadership)
 
     # -- loading -----------------------------------------------------------------------
 

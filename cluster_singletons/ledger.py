@@ -181,12 +181,12 @@ def message(run: Run) -> dict[str, Any]:
     return decoded
 
 
-def mark_published(task_ids: Sequence[str], *, at: datetime | None = None, using: str) -> None:
-    """``pending`` -> ``published`` at ``at`` (default: the database's now); a worker may
-    already have reported it started."""
+def mark_published(task_ids: Sequence[str], *, at: datetime, using: str) -> None:
+    """``pending`` -> ``published`` at ``at``, when the leader sent it (a worker may already
+    have reported it started)."""
     if task_ids:
         Run.objects.using(using).filter(task_id__in=task_ids, status=Run.Status.PENDING).update(
-            status=Run.Status.PUBLISHED, published_at=Now() if at is None else at
+            status=Run.Status.PUBLISHED, published_at=at
         )
 
 

@@ -100,11 +100,12 @@ class Outbox:
         self._after_publish = after_publish
         self._heap: list[Outgoing] = []
         self._seq = itertools.count()
-        self.task_ids: set[str] = set()
         self._executor: ThreadPoolExecutor | None = None
 
-    def __len__(self) -> int:
-        return len(self._heap)
+    @property
+    def task_ids(self) -> set[str]:
+        """The task ids of the runs waiting here."""
+        return {outgoing.run.task_id for outgoing in self._heap}
 
     @property
     def next_at(self) -> datetime | None:
@@ -143,7 +144,6 @@ class Outbox:
             ledger.fail(unpublishable, using=self.using)
         for outgoing in prepared:
             heapq.heappush(self._heap, outgoing)
-            self.task_ids.add(outgoing.run.task_id)
         return True
 
     def _messages(self, run: Run, term: Term, producer: Any) -> tuple[Any, ...]:
@@ -200,7 +200,6 @@ class Outbox:
         runs = [o.run for o in batch]
         ledger.mark_published([r.task_id for r in runs], at=at, using=self.using)
         for outgoing in batch:
-            self.task_ids.discard(outgoing.run.task_id)
             if outgoing.fn is not None:
                 self._call(outgoing.fn, outgoing.run, term)
             if outgoing.run.kind == Run.Kind.SCHEDULED:
@@ -212,7 +211,6 @@ class Outbox:
 
     def clear(self) -> None:
         self._heap.clear()
-        self.task_ids.clear()
 
     def close(self) -> None:
         self.clear()
