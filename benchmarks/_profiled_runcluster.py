@@ -24,7 +24,7 @@ def main() -> None:
     from django.core.management import call_command
 
     django.setup()
-    from cluster_singletons import engine
+    from cluster_singletons.beat import engine
 
     original = engine.BeatEngine.run
 

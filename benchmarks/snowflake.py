@@ -118,12 +118,8 @@ def main() -> None:
     n, small = args.n, args.n // 10
 
     scratch = setup_django()
-    from cluster_singletons.snowflake import (
-        IDS_PER_SECOND_LIMIT,
-        default_generator,
-        generate_id,
-        generate_ids,
-    )
+    from cluster_singletons.snowflake import default_generator, generate_id, generate_ids
+    from cluster_singletons.snowflake.generator import IDS_PER_SECOND_LIMIT
 
     try:
         import snowflake as pypi  # the snowflake-id distribution

@@ -99,12 +99,12 @@ def bench_save(n: int, warmup: int) -> dict[str, Any]:
     from django.db import connection
     from django.test.utils import CaptureQueriesContext
 
-    from cluster_singletons import leases, runners
+    from cluster_singletons.cluster import leases, membership
     from cluster_singletons.conf import get_settings
-    from cluster_singletons.state import StateStore, state_store
+    from cluster_singletons.singletons.state import StateStore, state_store
 
     ttl = get_settings().lease_ttl
-    rid = runners.register(host="bench", pid=os.getpid(), kind="runcluster", using="default")
+    rid = membership.register(host="bench", pid=os.getpid(), kind="runcluster", using="default")
     leases.ensure([KEY], using="default")
     term = leases.acquire(KEY, rid, ttl=ttl, using="default")
     assert term is not None
@@ -153,7 +153,7 @@ def bench_save(n: int, warmup: int) -> dict[str, Any]:
     gc.collect()
     run(n, record=True)
     leases.release(rid, using="default")
-    runners.deregister(rid, using="default")
+    membership.deregister(rid, using="default")
     result = {}
     for case, ns in wall.items():
         s = sorted(ns)

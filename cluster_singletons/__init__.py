@@ -10,9 +10,13 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from cluster_singletons.beat.deliveries import deliver_at, deliver_in
+    from cluster_singletons.beat.sources import cron
     from cluster_singletons.clock import Clock, FrozenClock, SystemClock
+    from cluster_singletons.cluster.coordinator import Runner
+    from cluster_singletons.cluster.leadership import Leadership, LeaderWork
+    from cluster_singletons.cluster.leases import Term
     from cluster_singletons.conf import ClusterSettings, get_settings
-    from cluster_singletons.deliveries import deliver_at, deliver_in
     from cluster_singletons.errors import (
         ClockMovedBackwards,
         ClusterContextRequired,
@@ -32,13 +36,9 @@ if TYPE_CHECKING:
         UnknownSingleton,
     )
     from cluster_singletons.fields import SnowflakeField
-    from cluster_singletons.leadership import Leadership, LeaderWork
-    from cluster_singletons.leases import Term
-    from cluster_singletons.runner import Runner
-    from cluster_singletons.schedules import cron
-    from cluster_singletons.singletons import SingletonContext, singleton
+    from cluster_singletons.singletons.registry import SingletonContext, singleton
+    from cluster_singletons.singletons.state import StateStore, state_store
     from cluster_singletons.snowflake import Snowflake, generate_id, generate_ids
-    from cluster_singletons.state import StateStore, state_store
 
 __all__ = [
     "Clock",
@@ -88,19 +88,19 @@ _WHERE = {
     "ClusterSingletonsError": "errors",
     "DatabaseUnavailable": "errors",
     "LeadershipLost": "errors",
-    "Term": "leases",
-    "Leadership": "leadership",
-    "LeaderWork": "leadership",
-    "Runner": "runner",
+    "Term": "cluster.leases",
+    "Leadership": "cluster.leadership",
+    "LeaderWork": "cluster.leadership",
+    "Runner": "cluster.coordinator",
     "ClusterContextRequired": "errors",
     "SingletonConfigError": "errors",
     "SingletonError": "errors",
     "StateConflict": "errors",
     "UnknownSingleton": "errors",
-    "SingletonContext": "singletons",
-    "singleton": "singletons",
-    "StateStore": "state",
-    "state_store": "state",
+    "SingletonContext": "singletons.registry",
+    "singleton": "singletons.registry",
+    "StateStore": "singletons.state",
+    "state_store": "singletons.state",
     "Snowflake": "snowflake",
     "generate_id": "snowflake",
     "generate_ids": "snowflake",
@@ -113,9 +113,9 @@ _WHERE = {
     "ScheduleInvalid": "errors",
     "UnknownSchedule": "errors",
     "DeliveryNotCancellable": "errors",
-    "cron": "schedules",
-    "deliver_at": "deliveries",
-    "deliver_in": "deliveries",
+    "cron": "beat.sources",
+    "deliver_at": "beat.deliveries",
+    "deliver_in": "beat.deliveries",
 }
 
 

@@ -22,7 +22,10 @@ from django.template.response import TemplateResponse
 from django.urls import reverse
 from pydantic import ValidationError as ModelInvalid
 
-from cluster_singletons import control, health, leases, schedules
+from cluster_singletons import control, health
+from cluster_singletons.beat import sources
+from cluster_singletons.beat.timetables import preview
+from cluster_singletons.cluster import leases
 from cluster_singletons.conf import get_settings
 from cluster_singletons.errors import ClusterSingletonsError, DeliveryNotCancellable
 from cluster_singletons.models import (
@@ -35,7 +38,6 @@ from cluster_singletons.models import (
     StateHistory,
     StateRecord,
 )
-from cluster_singletons.timetables import preview
 
 if TYPE_CHECKING:  # generic in the stubs only
     ModelAdmin = admin.ModelAdmin[Any]
@@ -233,7 +235,7 @@ class DeliveryAdmin(ReadOnly):
 
     @admin.action(description="Cancel (only pending deliveries)", permissions=["change"])
     def cancel(self, request: HttpRequest, queryset: QuerySet[Delivery]) -> None:
-        from cluster_singletons.deliveries import cancel
+        from cluster_singletons.beat.deliveries import cancel
 
         for delivery in queryset:
             try:
@@ -254,7 +256,7 @@ class DashboardAdmin(ReadOnly):
             return self._operate(request)
         report = health.cluster_health()
         leases = {lease.name: lease for lease in Lease.objects.select_related("holder")}
-        crons = {s.key: s for s in schedules.crons()}
+        crons = {s.key: s for s in sources.crons()}
         now = datetime.now(UTC)
         rows = []
         for item in report.items:

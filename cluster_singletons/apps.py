@@ -13,9 +13,9 @@ class ClusterSingletonsConfig(AppConfig):
     def ready(self) -> None:
         # Wiring only: checks register on import, the settings cache follows overrides,
         # each app's `singletons` module declares its singletons, tasks carry the context.
-        from cluster_singletons import celery_context, checks, conf
+        from cluster_singletons import checks, conf, task_signals
 
         del checks
         setting_changed.connect(conf.reset_cache, dispatch_uid="cluster_singletons.conf")
         autodiscover_modules("singletons")
-        celery_context.connect()
+        task_signals.connect()

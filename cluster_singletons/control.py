@@ -16,13 +16,15 @@ from celery import current_app
 from django.db.models import Q
 from pydantic import BaseModel
 
-from cluster_singletons import leases, ledger, singletons
+from cluster_singletons.beat import ledger
+from cluster_singletons.beat.sources import Schedule, load_all
+from cluster_singletons.beat.timetables import Cron, Timetable, preview, zone
+from cluster_singletons.cluster import leases
 from cluster_singletons.conf import get_settings
 from cluster_singletons.errors import ScheduleInvalid, UnknownSchedule
 from cluster_singletons.models import Run, ScheduleRecord, StateRecord
-from cluster_singletons.schedules import Schedule, load_all
-from cluster_singletons.state import StateStore
-from cluster_singletons.timetables import Cron, Timetable, preview, zone
+from cluster_singletons.singletons import registry
+from cluster_singletons.singletons.state import StateStore
 
 #: A backfill larger than this is refused: split the range.
 MAX_BACKFILL = 10_000
@@ -178,7 +180,7 @@ def _record(intents: list[ledger.Intent]) -> list[Run]:
 
 def singleton_store(name: str) -> StateStore[Any]:
     """The unfenced state store of singleton ``name`` (``UnknownSingleton`` if undeclared)."""
-    spec = singletons.get(name)
+    spec = registry.get(name)
     return StateStore(spec.lease, spec.state, owner=spec.name)
 
 
@@ -203,6 +205,6 @@ def import_state(name: str, text: str, note: str = "") -> BaseModel:
 
 def handoff(name: str) -> bool:
     """Ask the leader of ``name`` (a singleton, or ``beat``) to hand off; False if none leads."""
-    lease = name if name == "beat" else singletons.get(name).lease
+    lease = name if name == "beat" else registry.get(name).lease
     settings = get_settings()
     return leases.request_handoff(settings.key_prefix + lease, using=settings.database)

@@ -151,7 +151,8 @@ def cluster_health(
 ) -> Report:
     """The health of every singleton, cron function and the beat, as of ``now`` (default:
     the database's clock). Raises ``DatabaseError`` when the database is unreachable."""
-    from cluster_singletons import schedules, singletons
+    from cluster_singletons.beat import sources
+    from cluster_singletons.singletons import registry
 
     settings = settings or get_settings()
     db = settings.database
@@ -186,9 +187,9 @@ def cluster_health(
     if BEAT in beats or prefix + BEAT in leases:
         interval = settings.beat_refresh_interval
         found.append(item(BEAT, BEAT, "beat", interval, every(interval)))
-    for spec in singletons.registered().values():
+    for spec in registry.registered().values():
         found.append(item(spec.lease, spec.lease, "singleton", spec.interval, every(spec.interval)))
-    for cron in schedules.crons():
+    for cron in sources.crons():
         assert cron.timetable is not None
         timetable = cron.timetable
 
@@ -216,7 +217,7 @@ def cluster_health(
 
 
 def _database_now(using: str) -> datetime:
-    from cluster_singletons.leases import now_sql
+    from cluster_singletons.cluster.leases import now_sql
 
     connection = connections[using]
     with connection.cursor() as cursor:

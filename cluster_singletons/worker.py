@@ -32,11 +32,11 @@ class ClusterRunner(bootsteps.StartStopStep):
         self.runner: Any = None
 
     def start(self, parent: Any) -> None:
-        from cluster_singletons import singletons
-        from cluster_singletons.runner import Runner
+        from cluster_singletons.cluster.coordinator import Runner
+        from cluster_singletons.singletons import registry
 
         self.runner = Runner(
-            singletons.work(), kind="worker", placement_prefix=singletons.LEASE_PREFIX
+            registry.work(), kind="worker", placement_prefix=registry.LEASE_PREFIX
         )
         self.runner.start()
 

@@ -7,8 +7,8 @@ import pytest
 from django.db import connection
 from pydantic import BaseModel
 
-from cluster_singletons import singletons
-from cluster_singletons.state import StateStore
+from cluster_singletons.singletons import registry
+from cluster_singletons.singletons.state import StateStore
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -38,17 +38,17 @@ class Progress(BaseModel):
 @pytest.fixture
 def isolated_registry() -> Iterator[None]:
     """Only the singletons a test declares are registered while it runs."""
-    saved = dict(singletons._registry)
-    singletons._registry.clear()
+    saved = dict(registry._registry)
+    registry._registry.clear()
     yield
-    singletons._registry.clear()
-    singletons._registry.update(saved)
+    registry._registry.clear()
+    registry._registry.update(saved)
 
 
 @pytest.fixture
 def progress(isolated_registry: None) -> StateStore[Progress]:
     """Singleton ``progress`` declared, with ``{"cursor": 7}`` stored (version 1)."""
-    singletons.singleton("progress", state=Progress, interval=10)(lambda ctx: None)
+    registry.singleton("progress", state=Progress, interval=10)(lambda ctx: None)
     store = StateStore("singleton:progress", Progress)
     store.load()
     store.save(Progress(cursor=7))

@@ -11,7 +11,7 @@ from django.contrib.admin.models import LogEntry
 from django.contrib.auth.models import Permission, User
 from django.test import Client
 
-from cluster_singletons import leases, runners
+from cluster_singletons.cluster import leases, membership
 from cluster_singletons.models import (
     Delivery,
     Lease,
@@ -20,7 +20,7 @@ from cluster_singletons.models import (
     StateHistory,
     StateRecord,
 )
-from cluster_singletons.state import StateStore
+from cluster_singletons.singletons.state import StateStore
 from tests.conftest import Progress
 
 pytestmark = [pytest.mark.db, pytest.mark.django_db(transaction=True)]
@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.db, pytest.mark.django_db(transaction=True)]
 def _led(progress: StateStore[Progress]) -> None:
     """``progress`` is led by a runner on node-a."""
     leases.ensure(["singleton:progress"], using="default")
-    runner = runners.register(host="node-a", pid=4242, kind="runcluster", using="default")
+    runner = membership.register(host="node-a", pid=4242, kind="runcluster", using="default")
     leases.acquire("singleton:progress", runner, ttl=60, using="default")
 
 

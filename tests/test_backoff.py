@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from cluster_singletons.backoff import Backoff
+from cluster_singletons.pacing import Backoff
 
 pytestmark = pytest.mark.unit
 

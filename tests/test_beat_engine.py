@@ -20,12 +20,14 @@ from django_celery_beat.models import (
     PeriodicTask,
 )
 
-from cluster_singletons import context, deliveries, leases, ledger, refresh, runners, schedules
+from cluster_singletons import context
+from cluster_singletons.beat import deliveries, ledger, refresh, sources
+from cluster_singletons.beat.engine import BeatEngine
 from cluster_singletons.clock import FrozenClock
+from cluster_singletons.cluster import leases, membership
+from cluster_singletons.cluster.leadership import Leadership
 from cluster_singletons.conf import get_settings
-from cluster_singletons.engine import BeatEngine
 from cluster_singletons.errors import DeliveryNotCancellable, LeadershipLost
-from cluster_singletons.leadership import Leadership
 from cluster_singletons.models import Delivery, Lease, Run, ScheduleRecord
 from cluster_singletons.snowflake import default_generator
 from project.demo.localcluster import poll, received
@@ -66,7 +68,7 @@ class Leader:
 
     def __init__(self, app: Celery, *, wall: datetime = T0, settings: Any = None) -> None:
         leases.ensure(["beat"], using="default")
-        self.runner_id = runners.register(host="t", pid=1, kind="beat", using="default")
+        self.runner_id = membership.register(host="t", pid=1, kind="beat", using="default")
         term = leases.acquire("beat", self.runner_id, ttl=30, using="default")
         if term is None:  # a previous leader of this test: take over as a failover would
             Lease.objects.filter(name="beat").update(expires_at=Now())
@@ -319,7 +321,7 @@ def test_cron_functions_run_in_the_leader_and_report_their_end(app: Celery) -> N
     def job(run: Run) -> None:
         calls.append((run.tick, context.current().schedule))
 
-    schedules.cron("t-cron", "* * * * *", tz="Europe/Berlin")(job)
+    sources.cron("t-cron", "* * * * *", tz="Europe/Berlin")(job)
     try:
         leader = Leader(app)
         leader.at(59)
@@ -330,7 +332,7 @@ def test_cron_functions_run_in_the_leader_and_report_their_end(app: Celery) -> N
             timeout=10,
         )
     finally:
-        schedules._crons.pop("cron:t-cron")
+        sources._crons.pop("cron:t-cron")
     assert calls == [(T0 + timedelta(minutes=1), "cron:t-cron")]
     assert _drain(app) == [], "in-runner: nothing goes through the broker"
 

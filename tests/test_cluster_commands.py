@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 from django.core.management import CommandError, call_command
 
-from cluster_singletons import leases, runners
+from cluster_singletons.cluster import leases, membership
 from cluster_singletons.models import Lease, StateHistory, StateRecord
-from cluster_singletons.state import StateStore
+from cluster_singletons.singletons.state import StateStore
 from tests.conftest import Progress
 
 pytestmark = [pytest.mark.db, pytest.mark.django_db(transaction=True)]
@@ -87,7 +87,7 @@ def test_state_show_export_and_a_validated_import(tmp_path: Any) -> None:
 def test_handoff_is_refused_without_a_leader_and_ends_the_term_with_one() -> None:
     assert _exit_status("cluster_handoff", "progress") == 1
     leases.ensure(["singleton:progress"], using="default")
-    runner = runners.register(host="h", pid=1, kind="runcluster", using="default")
+    runner = membership.register(host="h", pid=1, kind="runcluster", using="default")
     term = leases.acquire("singleton:progress", runner, ttl=30, using="default")
     assert term is not None
     assert "requested" in _call("cluster_handoff", "progress")
@@ -98,7 +98,7 @@ def test_handoff_is_refused_without_a_leader_and_ends_the_term_with_one() -> Non
     assert (lease.handoff_requested, lease.handed_off_by) == (False, runner)
     # It goes to another runner: the one that handed it off stays away for a TTL.
     assert leases.acquire("singleton:progress", runner, ttl=30, using="default") is None
-    other = runners.register(host="h2", pid=2, kind="runcluster", using="default")
+    other = membership.register(host="h2", pid=2, kind="runcluster", using="default")
     assert leases.takeable(
         ["singleton:progress"], runner_id=other, ttl=30, crash_detection=False, using="default"
     ) == {"singleton:progress"}

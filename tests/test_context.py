@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from cluster_singletons import celery_context, context
+from cluster_singletons import context, task_signals
 from cluster_singletons.errors import ClusterContextRequired
 
 pytestmark = pytest.mark.unit
@@ -71,7 +71,7 @@ def test_logging_filter_adds_the_fields() -> None:
 def test_publish_adds_the_header_and_prerun_restores_it() -> None:
     headers: dict[str, object] = {}
     with context.within_cluster(runner=1, singleton="s", epoch=4, is_leader=True):
-        celery_context._on_publish(headers=headers)
+        task_signals._on_publish(headers=headers)
     assert headers[context.HEADER] == {"runner": 1, "singleton": "s", "epoch": 4, "is_leader": True}
 
     class Request:
@@ -80,7 +80,7 @@ def test_publish_adds_the_header_and_prerun_restores_it() -> None:
     class Task:
         request = Request()
 
-    celery_context._on_prerun(task_id="t1", task=Task())
+    task_signals._on_prerun(task_id="t1", task=Task())
     assert context.current().singleton == "s"
-    celery_context._on_postrun(task_id="t1")
+    task_signals._on_postrun(task_id="t1")
     assert context.get() is None

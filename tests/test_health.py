@@ -13,8 +13,9 @@ import pytest
 from django.contrib.auth.models import User
 from django.test import Client
 
-from cluster_singletons import health, singletons
+from cluster_singletons import health
 from cluster_singletons.models import Heartbeat, Lease, Runner
+from cluster_singletons.singletons import registry
 from project.demo.localcluster import ROOT
 
 pytestmark = [pytest.mark.db, pytest.mark.django_db(transaction=True)]
@@ -25,7 +26,7 @@ NOW = datetime(2026, 6, 1, 12, 0, 0, tzinfo=UTC)
 @pytest.fixture
 def watched(isolated_registry: None) -> None:
     """Only our singleton is registered while the test runs."""
-    singletons.singleton("watched", interval=10)(lambda ctx: None)
+    registry.singleton("watched", interval=10)(lambda ctx: None)
 
 
 def _lead(name: str, *, since: datetime) -> Runner:
@@ -162,9 +163,9 @@ def test_metrics_aggregate_processes_in_multiprocess_mode(tmp_path: Path) -> Non
 
 @pytest.mark.usefixtures("isolated_registry")
 def test_a_cron_function_is_stale_when_its_next_run_is_overdue() -> None:
-    from cluster_singletons import schedules
+    from cluster_singletons.beat import sources
 
-    schedules.cron("hourly", "0 * * * *")(lambda run: None)
+    sources.cron("hourly", "0 * * * *")(lambda run: None)
     try:
         _lead("beat", since=NOW - timedelta(hours=3))
         Heartbeat.objects.create(
@@ -176,4 +177,4 @@ def test_a_cron_function_is_stale_when_its_next_run_is_overdue() -> None:
         statuses = {i.name: i.status for i in health.cluster_health(now=later).items}
         assert statuses["cron:hourly"] == health.STALE, "12:00 is overdue by more than stale_grace"
     finally:
-        schedules._crons.pop("cron:hourly")
+        sources._crons.pop("cron:hourly")

@@ -8,7 +8,7 @@ import pytest
 from django.db import connection
 from django.db.models.functions import Now
 
-from cluster_singletons import leases, runners
+from cluster_singletons.cluster import leases, membership
 from cluster_singletons.errors import LeadershipLost
 from cluster_singletons.models import Lease
 from project.demo.models import FencedWrite
@@ -20,7 +20,7 @@ TTL = 30.0
 
 
 def _runner() -> int:
-    return runners.register(host="test", pid=1, kind="runcluster", using=USING)
+    return membership.register(host="test", pid=1, kind="runcluster", using=USING)
 
 
 def _expire(name: str) -> None:
@@ -166,7 +166,7 @@ def test_postgres_takes_lease_of_a_holder_whose_session_died(lease: str) -> None
     params = connection.get_connection_params()
     session = psycopg.connect(**params, autocommit=True)
     session.execute("SELECT pg_advisory_lock(%s, %s)", [leases.LIVENESS_LOCK_NAMESPACE, dead])
-    runners.set_liveness_lock(dead, True, using=USING)
+    membership.set_liveness_lock(dead, True, using=USING)
     assert leases.acquire(lease, dead, ttl=TTL, using=USING)
     assert leases.acquire(lease, standby, ttl=TTL, using=USING, crash_detection=True) is None
     session.close()  # the holder's process is gone
@@ -203,8 +203,8 @@ def test_a_runner_paused_inside_its_renewal_cannot_block_takeover_beyond_the_ttl
     from django.db import connections, transaction
 
     leases.ensure(["job"], using="default")
-    holder = runners.register(host="a", pid=1, kind="runcluster", using="default")
-    standby = runners.register(host="b", pid=2, kind="runcluster", using="default")
+    holder = membership.register(host="a", pid=1, kind="runcluster", using="default")
+    standby = membership.register(host="b", pid=2, kind="runcluster", using="default")
     term = leases.acquire("job", holder, ttl=1, using="default")
     assert term is not None
     renewed, resume = threading.Event(), threading.Event()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from cluster_singletons import placement
-from cluster_singletons.placement import View
+from cluster_singletons.cluster import placement
+from cluster_singletons.cluster.placement import View
 
 pytestmark = pytest.mark.unit
 

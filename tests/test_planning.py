@@ -6,9 +6,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from cluster_singletons.planning import Entry, Policy, plan
-from cluster_singletons.schedules import Overlap, Schedule
-from cluster_singletons.timetables import Every
+from cluster_singletons.beat.planning import Entry, Policy, plan
+from cluster_singletons.beat.sources import Overlap, Schedule
+from cluster_singletons.beat.timetables import Every
 
 pytestmark = pytest.mark.unit
 

@@ -9,13 +9,13 @@ import pytest
 from django.db import OperationalError
 from django.db.models.functions import Now
 
-from cluster_singletons import leases
 from cluster_singletons.clock import FrozenClock
+from cluster_singletons.cluster import leases
+from cluster_singletons.cluster.coordinator import Runner
+from cluster_singletons.cluster.leadership import Leadership, idle
 from cluster_singletons.conf import ClusterSettings
-from cluster_singletons.leadership import Leadership, idle
 from cluster_singletons.models import Lease
 from cluster_singletons.models import Runner as RunnerRow
-from cluster_singletons.runner import Runner
 from project.demo.localcluster import poll
 
 pytestmark = [pytest.mark.db, pytest.mark.django_db(transaction=True)]

@@ -12,11 +12,13 @@ import pytest
 from django.db.models.functions import Now
 from pydantic import BaseModel
 
-from cluster_singletons import context, leases, runners, singletons
+from cluster_singletons import context
+from cluster_singletons.cluster import leases, membership
+from cluster_singletons.cluster.leadership import Leadership
 from cluster_singletons.errors import LeadershipLost, SingletonConfigError, SingletonError
-from cluster_singletons.leadership import Leadership
 from cluster_singletons.models import Lease, StateRecord, StepRecord
-from cluster_singletons.singletons import SingletonContext, SingletonDriver
+from cluster_singletons.singletons import registry
+from cluster_singletons.singletons.registry import SingletonContext, SingletonDriver
 from project.demo.localcluster import poll
 
 pytestmark = [pytest.mark.db, pytest.mark.django_db(transaction=True)]
@@ -38,20 +40,20 @@ def declared() -> Iterator[list[str]]:
     names: list[str] = []
     yield names
     for name in names:
-        singletons.unregister(name)
+        registry.unregister(name)
 
 
 def _declare(declared: list[str], name: str, **kwargs: Any) -> Callable[[Any], Any]:
     declared.append(name)
-    return singletons.singleton(name, **kwargs)
+    return registry.singleton(name, **kwargs)
 
 
 class Term:
     """A real leadership term of a singleton, run in a thread until ended."""
 
-    def __init__(self, spec: singletons.SingletonSpec) -> None:
+    def __init__(self, spec: registry.SingletonSpec) -> None:
         leases.ensure([spec.lease], using="default")
-        runner = runners.register(host="t", pid=1, kind="runcluster", using="default")
+        runner = membership.register(host="t", pid=1, kind="runcluster", using="default")
         term = leases.acquire(spec.lease, runner, ttl=30, using="default")
         assert term is not None
         self.stop = threading.Event()
@@ -78,7 +80,7 @@ def test_a_name_registered_twice_by_different_functions_is_refused(declared: lis
 
     with pytest.raises(SingletonConfigError, match="registered twice") as caught:
 
-        @singletons.singleton("twice")
+        @registry.singleton("twice")
         def second(ctx: Any) -> None: ...
 
     assert "'twice'" in str(caught.value) and "first" in str(caught.value)
@@ -86,11 +88,11 @@ def test_a_name_registered_twice_by_different_functions_is_refused(declared: lis
 
 def test_a_state_that_is_not_a_pydantic_model_is_refused_naming_the_singleton() -> None:
     with pytest.raises(SingletonConfigError, match=r"'reports'.*pydantic"):
-        singletons.singleton("reports", state=dict)  # type: ignore[arg-type]
+        registry.singleton("reports", state=dict)  # type: ignore[arg-type]
 
 
 def test_app_singletons_modules_are_discovered() -> None:
-    assert {"indexer", "rates"} <= set(singletons.registered())
+    assert {"indexer", "rates"} <= set(registry.registered())
 
 
 def test_hooks_run_in_order_around_the_function(declared: list[str]) -> None:
@@ -108,7 +110,7 @@ def test_hooks_run_in_order_around_the_function(declared: list[str]) -> None:
             pass
         events.append("stopped")
 
-    term = Term(singletons.get("hooks"))
+    term = Term(registry.get("hooks"))
     poll("the function to run", lambda: "run" in events, timeout=10)
     term.end()
     assert events == ["become 1", "run", "stopped", "lose 1"]
@@ -124,7 +126,7 @@ def test_a_raising_function_is_retried_with_backoff_while_leading(declared: list
             raise RuntimeError("transient")
         ctx.sleep(10)
 
-    term = Term(singletons.get("flaky"))
+    term = Term(registry.get("flaky"))
     poll("four calls", lambda: len(calls) == 4, timeout=10)
     term.end()
     assert term.error is None
@@ -141,7 +143,7 @@ def test_schema_decode_failure_stops_the_singleton_without_a_restart_loop(
     def run(ctx: SingletonContext[Count]) -> None:
         calls.append(ctx.state.n)
 
-    term = Term(singletons.get("bad"))
+    term = Term(registry.get("bad"))
     poll(
         "the state to be quarantined",
         lambda: StateRecord.objects.get(key="singleton:bad").status == "quarantined",
@@ -160,7 +162,7 @@ def test_a_function_that_returns_is_called_again_after_its_interval(declared: li
         ctx.save(Count(n=ctx.state.n + 1))
         calls.append(ctx.state.n)
 
-    term = Term(singletons.get("periodic"))
+    term = Term(registry.get("periodic"))
     poll("three iterations", lambda: len(calls) >= 3, timeout=10)
     term.end()
     assert calls[:3] == [1, 2, 3]
@@ -175,7 +177,7 @@ def test_async_singletons_run_and_see_the_cluster_context(declared: list[str]) -
         seen.append(context.current())
         ctx.sleep(10)
 
-    term = Term(singletons.get("async"))
+    term = Term(registry.get("async"))
     poll("the coroutine", lambda: seen, timeout=10)
     term.end()
     assert seen[0].singleton == "async" and seen[0].is_leader and seen[0].epoch == 1
@@ -190,7 +192,7 @@ def test_state_saved_by_one_leader_is_what_the_next_leader_loads(declared: list[
         ctx.save(Count(n=ctx.state.n + 10))
         ctx.sleep(10)
 
-    spec = singletons.get("handover")
+    spec = registry.get("handover")
     first = Term(spec)
     poll(
         "the first leader's save",
@@ -214,7 +216,7 @@ def test_a_finished_step_is_not_redone_by_the_next_leader(declared: list[str]) -
         results.append(ctx.step("charge", lambda: runs.append(ctx.epoch) or {"charged": ctx.epoch}))
         ctx.sleep(10)
 
-    spec = singletons.get("steps")
+    spec = registry.get("steps")
     first = Term(spec)
     poll("the step", lambda: results, timeout=10)
     first.end()
@@ -240,7 +242,7 @@ def test_a_deposed_leader_cannot_record_a_step(declared: list[str]) -> None:
             outcome.append(exc)
             raise
 
-    term = Term(singletons.get("late"))
+    term = Term(registry.get("late"))
     Lease.objects.filter(name="singleton:late").update(expires_at=Now() - dt.timedelta(seconds=1))
     go.set()
     term.thread.join(10)
@@ -262,7 +264,7 @@ def test_a_step_recorded_meanwhile_wins_over_this_leaders_result(declared: list[
         results.append(ctx.step("charge", lambda: charge_twice(ctx)))
         ctx.sleep(10)
 
-    term = Term(singletons.get("raced"))
+    term = Term(registry.get("raced"))
     poll("the step", lambda: results, timeout=10)
     term.end()
     assert term.error is None and results == ["first"]
@@ -277,9 +279,9 @@ def test_a_leader_whose_lease_was_taken_cannot_record_a_step(declared: list[str]
         go.wait(10)
         ctx.step("late", lambda: 1)
 
-    term = Term(singletons.get("taken"))
+    term = Term(registry.get("taken"))
     Lease.objects.filter(name="singleton:taken").update(expires_at=Now() - dt.timedelta(seconds=1))
-    other = runners.register(host="t", pid=2, kind="runcluster", using="default")
+    other = membership.register(host="t", pid=2, kind="runcluster", using="default")
     assert leases.acquire("singleton:taken", other, ttl=30, using="default")
     go.set()
     term.thread.join(10)
@@ -298,7 +300,7 @@ def test_a_step_result_must_be_json(declared: list[str]) -> None:
             errors.append(exc)
         ctx.sleep(10)
 
-    term = Term(singletons.get("notjson"))
+    term = Term(registry.get("notjson"))
     poll("the error", lambda: errors, timeout=10)
     term.end()
     assert "not JSON" in str(errors[0]) and not StepRecord.objects.exists()

@@ -22,7 +22,6 @@ from django.db.models.functions import Now
 from django.test import override_settings
 from django.test.utils import isolate_apps
 
-from cluster_singletons import machine_ids
 from cluster_singletons.errors import (
     ClockMovedBackwards,
     InvalidSnowflake,
@@ -31,9 +30,9 @@ from cluster_singletons.errors import (
     SnowflakeTimeOutOfRange,
 )
 from cluster_singletons.fields import SnowflakeField
-from cluster_singletons.machine_ids import MachineIdKeeper
 from cluster_singletons.models import MachineId
-from cluster_singletons.snowflake import (
+from cluster_singletons.snowflake import default_generator, generate_id, machine_ids
+from cluster_singletons.snowflake.generator import (
     MAX_ID,
     MAX_SEQUENCE,
     MAX_TIMESTAMP,
@@ -43,9 +42,8 @@ from cluster_singletons.snowflake import (
     SnowflakeGenerator,
     SystemWallClock,
     WallClock,
-    default_generator,
-    generate_id,
 )
+from cluster_singletons.snowflake.machine_ids import MachineIdKeeper
 from project.demo.localcluster import ROOT
 
 EPOCH_MS = 1_577_836_800_000

@@ -80,7 +80,7 @@ def test_processes_and_forked_children_issue_millions_of_ids_without_a_duplicate
     tmp_path: Path,
 ) -> None:
     from cluster_singletons.models import MachineId
-    from cluster_singletons.snowflake import Snowflake
+    from cluster_singletons.snowflake.generator import Snowflake
 
     processes = [_start("generate", tmp_path, SINGLE, BATCH) for _ in range(WORKERS)]
     _go(tmp_path, 2 * WORKERS, processes)
@@ -150,7 +150,7 @@ def _generate(out: Path, single: int, batch: int) -> int:
 
 
 def _lease(out: Path, count: int) -> int:
-    from cluster_singletons import machine_ids
+    from cluster_singletons.snowflake import machine_ids
 
     _wait_for_go(out)
     machine_ids.ensure(using="default")

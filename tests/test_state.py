@@ -14,10 +14,10 @@ from django.db.models.functions import Now
 from django.test.utils import CaptureQueriesContext
 from pydantic import BaseModel
 
-from cluster_singletons import leases, runners
+from cluster_singletons.cluster import leases, membership
 from cluster_singletons.errors import LeadershipLost, SingletonConfigError, SingletonError
 from cluster_singletons.models import Lease, StateHistory, StateRecord
-from cluster_singletons.state import StateStore, state_store
+from cluster_singletons.singletons.state import StateStore, state_store
 from project.demo.localcluster import poll
 from project.demo.singletons import IndexerState
 
@@ -33,7 +33,7 @@ class Counter(BaseModel):
 
 def _term(name: str = "singleton:counter") -> leases.Term:
     leases.ensure([name], using="default")
-    me = runners.register(host="t", pid=1, kind="runcluster", using="default")
+    me = membership.register(host="t", pid=1, kind="runcluster", using="default")
     term = leases.acquire(name, me, ttl=30, using="default")
     assert term is not None
     return term
@@ -96,7 +96,7 @@ def _end(term: leases.Term, how: str) -> None:
     if how in {"expired", "taken"}:
         Lease.objects.filter(name=term.name).update(expires_at=Now() - dt.timedelta(seconds=1))
     if how == "taken":
-        other = runners.register(host="t", pid=2, kind="runcluster", using="default")
+        other = membership.register(host="t", pid=2, kind="runcluster", using="default")
         assert leases.acquire(term.name, other, ttl=30, using="default")
     if how == "released":
         assert leases.release(term.runner_id, using="default") == [term.name]

@@ -7,8 +7,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from cluster_singletons.beat.timetables import Cron, Every, Once, preview, zone
 from cluster_singletons.errors import ScheduleInvalid
-from cluster_singletons.timetables import Cron, Every, Once, preview, zone
 
 pytestmark = pytest.mark.unit
 

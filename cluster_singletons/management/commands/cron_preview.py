@@ -7,8 +7,8 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandParser
 
 from cluster_singletons import control
+from cluster_singletons.beat.timetables import zone
 from cluster_singletons.management.base import clear_errors
-from cluster_singletons.timetables import zone
 
 
 class Command(BaseCommand):

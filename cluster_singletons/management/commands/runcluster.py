@@ -11,10 +11,10 @@ from typing import Any
 from celery import current_app
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from cluster_singletons import singletons
-from cluster_singletons.beat import cluster_work
-from cluster_singletons.leadership import LeaderWork
-from cluster_singletons.runner import Runner
+from cluster_singletons.beat.scheduler import cluster_work
+from cluster_singletons.cluster.coordinator import Runner
+from cluster_singletons.cluster.leadership import LeaderWork
+from cluster_singletons.singletons import registry
 
 
 class Command(BaseCommand):
@@ -40,7 +40,7 @@ class Command(BaseCommand):
         for spec in options["lead"]:
             name, fn = _parse_lead(spec)
             work[name] = fn
-        runner = Runner(work, kind="runcluster", placement_prefix=singletons.LEASE_PREFIX)
+        runner = Runner(work, kind="runcluster", placement_prefix=registry.LEASE_PREFIX)
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
             runner.stop()

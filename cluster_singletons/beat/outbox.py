@@ -30,11 +30,12 @@ from django.db import connections
 from kombu import exceptions as kombu_errors
 from kombu.serialization import dumps
 
-from cluster_singletons import context, health, ledger, metrics
+from cluster_singletons import context, health, metrics
+from cluster_singletons.beat import ledger
 from cluster_singletons.clock import Clock
+from cluster_singletons.cluster.leadership import Leadership
+from cluster_singletons.cluster.leases import Term
 from cluster_singletons.errors import describe
-from cluster_singletons.leadership import Leadership
-from cluster_singletons.leases import Term
 from cluster_singletons.models import Run
 
 logger = logging.getLogger("cluster_singletons.beat")

@@ -19,10 +19,10 @@ from typing import Any
 import psycopg
 from django.db import OperationalError, connections
 
+from cluster_singletons.cluster.leases import LIVENESS_LOCK_NAMESPACE, RELEASE_CHANNEL
 from cluster_singletons.errors import describe
-from cluster_singletons.leases import LIVENESS_LOCK_NAMESPACE, RELEASE_CHANNEL
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("cluster_singletons.runner")
 
 
 class Liveness:

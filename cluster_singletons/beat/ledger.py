@@ -28,8 +28,8 @@ from django.db import IntegrityError, connections, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models.functions import Now
 
-from cluster_singletons import leases
-from cluster_singletons.leases import Term
+from cluster_singletons.cluster import leases
+from cluster_singletons.cluster.leases import Term
 from cluster_singletons.models import Run, ScheduleRecord
 
 #: Task ids are uuid5(NAMESPACE, "<schedule>|<tick ISO>").

@@ -56,7 +56,7 @@ def _is_ledger_run(ctx: context.ClusterContext, task_id: str) -> bool:
 def _report(task_id: str, status: str) -> None:
     from django.db import DatabaseError
 
-    from cluster_singletons import ledger
+    from cluster_singletons.beat import ledger
     from cluster_singletons.conf import get_settings
 
     try:

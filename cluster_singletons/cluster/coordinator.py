@@ -26,15 +26,16 @@ from collections.abc import Iterator, Mapping
 
 from django.db import DatabaseError, InterfaceError, connections
 
-from cluster_singletons import leases, metrics, placement, runners
-from cluster_singletons.backoff import Backoff
+from cluster_singletons import metrics
 from cluster_singletons.clock import Clock, SystemClock
+from cluster_singletons.cluster import leases, membership, placement
+from cluster_singletons.cluster.crash_detection import Liveness
+from cluster_singletons.cluster.leadership import LeaderWork, Slot
+from cluster_singletons.cluster.leases import Term
+from cluster_singletons.cluster.placement import View
 from cluster_singletons.conf import ClusterSettings, get_settings
 from cluster_singletons.errors import DatabaseUnavailable, describe
-from cluster_singletons.leadership import LeaderWork, Slot
-from cluster_singletons.leases import Term
-from cluster_singletons.liveness import Liveness
-from cluster_singletons.placement import View
+from cluster_singletons.pacing import Backoff
 
 logger = logging.getLogger("cluster_singletons.runner")
 
@@ -148,7 +149,7 @@ class Runner:
         host = socket.gethostname()
         while not self._stopping.is_set():
             try:
-                self.runner_id = runners.register(
+                self.runner_id = membership.register(
                     host=host, pid=os.getpid(), kind=self.kind, using=self.using
                 )
                 leases.ensure(self._slots, using=self.using)
@@ -224,7 +225,7 @@ class Runner:
         held = [s.term for s in self._slots.values() if s.term]
         with self._db("renew") as attempt:
             sent_at = self.clock.monotonic()
-            if not runners.touch(self.runner_id, using=self.using):
+            if not membership.touch(self.runner_id, using=self.using):
                 self._reregister()
                 return
             kept = leases.renew(self.runner_id, held, ttl=self.settings.lease_ttl, using=self.using)
@@ -237,7 +238,7 @@ class Runner:
                     self._step_down(slot, "renewal found the lease expired, taken or handed off")
             if self._placed.prefix is not None:
                 self._placed.view = View(
-                    held=runners.live_view(
+                    held=membership.live_view(
                         ttl=self.settings.lease_ttl,
                         lease_prefix=self._placed.prefix,
                         crash_detection=self._liveness is not None,
@@ -384,7 +385,7 @@ class Runner:
 
     def _prune(self, now: float) -> None:
         with self._db("prune"):
-            forgotten = runners.forget_stale(
+            forgotten = membership.forget_stale(
                 older_than=self.settings.runner_forget_after, using=self.using
             )
             if forgotten:
@@ -403,7 +404,7 @@ class Runner:
         )
         self._step_down_all("registration deleted")
         self._close_liveness()
-        self.runner_id = runners.register(
+        self.runner_id = membership.register(
             host=socket.gethostname(), pid=os.getpid(), kind=self.kind, using=self.using
         )
         self._start_liveness()
@@ -424,7 +425,7 @@ class Runner:
         liveness = Liveness(using=self.using, runner_id=self.runner_id, on_release=self._on_release)
         liveness.start()
         try:
-            runners.set_liveness_lock(self.runner_id, True, using=self.using)
+            membership.set_liveness_lock(self.runner_id, True, using=self.using)
         except BaseException:
             liveness.close()
             raise
@@ -473,7 +474,7 @@ class Runner:
         for slot in self._slots.values():
             slot.stop_event.set()
         with self._db("mark stopping"):
-            runners.mark_stopping(self.runner_id, using=self.using)
+            membership.mark_stopping(self.runner_id, using=self.using)
         deadline = self.clock.monotonic() + self.settings.shutdown_timeout
         for slot in self._slots.values():
             if slot.thread is not None:
@@ -491,7 +492,7 @@ class Runner:
                         slot.term.epoch,
                     )
                     slot.term = None
-            runners.deregister(self.runner_id, using=self.using)
+            membership.deregister(self.runner_id, using=self.using)
             logger.info("runner %s stopped; released %d lease(s)", self.runner_id, len(released))
         except _DB_ERRORS as exc:
             logger.error(

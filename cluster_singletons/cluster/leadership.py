@@ -18,10 +18,10 @@ from typing import Literal
 
 from django.db import connections
 
-from cluster_singletons import leases
 from cluster_singletons.clock import Clock
+from cluster_singletons.cluster import leases
+from cluster_singletons.cluster.leases import Term
 from cluster_singletons.errors import LeadershipLost
-from cluster_singletons.leases import Term
 
 #: Work's outcomes are logged as the runner's: one place to read who leads and why not.
 logger = logging.getLogger("cluster_singletons.runner")

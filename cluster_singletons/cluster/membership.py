@@ -15,7 +15,7 @@ import datetime as dt
 from django.db.models import Count, Q
 from django.db.models.functions import Now
 
-from cluster_singletons.leases import runner_is_gone
+from cluster_singletons.cluster.leases import runner_is_gone
 from cluster_singletons.models import Runner
 
 

@@ -20,10 +20,10 @@ from django.apps import apps
 from django.db import DatabaseError, connections
 from django.db.models import Count, Max
 
-from cluster_singletons import schedules
+from cluster_singletons.beat import sources
+from cluster_singletons.beat.sources import Schedule, load_all
 from cluster_singletons.errors import describe
 from cluster_singletons.models import ScheduleRecord
-from cluster_singletons.schedules import Schedule, load_all
 
 logger = logging.getLogger("cluster_singletons.beat")
 
@@ -68,7 +68,7 @@ def source_signature(using: str) -> object:
 
     if connections[using].vendor == "postgresql":
         with connections[using].cursor() as cursor:
-            cursor.execute(schedules.periodic_digest_sql())
+            cursor.execute(sources.periodic_digest_sql())
             return cursor.fetchone()
     stats = PeriodicTask.objects.using(using).aggregate(n=Count("id"), changed=Max("date_changed"))
     last = PeriodicTasks.objects.using(using).values_list("last_update", flat=True)

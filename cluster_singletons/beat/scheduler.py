@@ -14,10 +14,10 @@ from typing import Any
 
 from celery.beat import Scheduler
 
-from cluster_singletons import singletons
-from cluster_singletons.engine import BeatEngine
-from cluster_singletons.leadership import Leadership, LeaderWork
-from cluster_singletons.runner import Runner
+from cluster_singletons.beat.engine import BeatEngine
+from cluster_singletons.cluster.coordinator import Runner
+from cluster_singletons.cluster.leadership import Leadership, LeaderWork
+from cluster_singletons.singletons import registry
 
 logger = logging.getLogger("cluster_singletons.beat")
 
@@ -38,11 +38,11 @@ def beat_work(app: Any) -> LeaderWork:
 
 def cluster_work(app: Any) -> dict[str, LeaderWork]:
     """Everything a full node stands for: the beat and every registered singleton."""
-    return {BEAT_LEASE: beat_work(app), **singletons.work()}
+    return {BEAT_LEASE: beat_work(app), **registry.work()}
 
 
 def start_runner(app: Any, kind: str) -> Runner:
-    runner = Runner(cluster_work(app), kind=kind, placement_prefix=singletons.LEASE_PREFIX)
+    runner = Runner(cluster_work(app), kind=kind, placement_prefix=registry.LEASE_PREFIX)
     runner.start()
     return runner
 

@@ -33,10 +33,10 @@ from django.db.models import DateTimeField, ExpressionWrapper, F, Q, Value
 from django.db.models.expressions import CombinedExpression
 from django.db.models.functions import Coalesce, Greatest, Now
 
-from cluster_singletons.backoff import Backoff
 from cluster_singletons.errors import MachineIdsExhausted, MachineIdUnavailable, describe
 from cluster_singletons.models import MachineId
-from cluster_singletons.snowflake import MAX_MACHINE_ID, Grant, SystemWallClock, WallClock
+from cluster_singletons.pacing import Backoff
+from cluster_singletons.snowflake.generator import MAX_MACHINE_ID, Grant, SystemWallClock, WallClock
 
 logger = logging.getLogger("cluster_singletons.snowflake")
 

@@ -26,9 +26,9 @@ from typing import Any, Literal
 from django.apps import apps
 from django.conf import settings as django_settings
 
-from cluster_singletons import timetables
+from cluster_singletons.beat import timetables
+from cluster_singletons.beat.timetables import Cron, Every, Once, Solar, Timetable
 from cluster_singletons.errors import ScheduleInvalid, SingletonConfigError
-from cluster_singletons.timetables import Cron, Every, Once, Solar, Timetable
 
 logger = logging.getLogger("cluster_singletons.schedules")
 

@@ -28,11 +28,12 @@ from django.db import DatabaseError, InterfaceError, connections, transaction
 from django.db.models.functions import Now
 from pydantic import BaseModel
 
-from cluster_singletons import leases, schema
+from cluster_singletons.cluster import leases
+from cluster_singletons.cluster.leases import Term
 from cluster_singletons.conf import get_settings
 from cluster_singletons.errors import SingletonConfigError, SingletonError, StateConflict
-from cluster_singletons.leases import Term
 from cluster_singletons.models import StateHistory, StateRecord
+from cluster_singletons.singletons import state_versions
 
 M = TypeVar("M", bound=BaseModel)
 _DB_ERRORS = (DatabaseError, InterfaceError)
@@ -50,7 +51,7 @@ class StateStore(Generic[M]):
         owner: str | None = None,
         using: str | None = None,
     ) -> None:
-        found = schema.problems(model)
+        found = state_versions.problems(model)
         if found:
             raise SingletonConfigError(owner or key, "; ".join(found))
         settings = get_settings()
@@ -75,7 +76,7 @@ class StateStore(Generic[M]):
         self._refuse_quarantined(row)
         try:
             value = self._upgrade(row)
-        except schema.DecodeError as exc:
+        except state_versions.DecodeError as exc:
             self._quarantine(row, str(exc))
             raise SingletonError("SchemaDecodeFailed", self.owner, str(exc)) from exc
         self.version = row.version
@@ -87,7 +88,7 @@ class StateStore(Generic[M]):
 
     def _upgrade(self, row: StateRecord) -> M:
         """Decode ``row``; persist an upgrade (``row.version`` follows). Raises ``DecodeError``."""
-        decoded = schema.decode(self.model, row.value, row.schema_version)
+        decoded = state_versions.decode(self.model, row.value, row.schema_version)
         value = decoded.value
         assert isinstance(value, self.model)
         if decoded.upgraded_from is not None:
@@ -141,7 +142,7 @@ class StateStore(Generic[M]):
                 self._refuse_quarantined(row)
             try:
                 current = self.model() if row is None else self._upgrade(row)
-            except schema.DecodeError as exc:
+            except state_versions.DecodeError as exc:
                 problem = str(exc)  # quarantined below, outside this transaction
             else:
                 expected = 0 if row is None else row.version
@@ -180,7 +181,7 @@ class StateStore(Generic[M]):
                 key=self.key,
                 defaults={
                     "value": value.model_dump_json(),
-                    "schema_version": schema.version_of(self.model),
+                    "schema_version": state_versions.version_of(self.model),
                     "version": (old.version if old else 0) + 1,
                     "status": StateRecord.Status.OK,
                     "problem": "",
@@ -197,7 +198,7 @@ class StateStore(Generic[M]):
         was written (the row moved on, appeared, vanished or is quarantined).
         """
         text = value.model_dump_json()
-        version = schema.version_of(self.model)
+        version = state_versions.version_of(self.model)
         sql = _save_sql(self.using, fenced=self.term is not None)
         epoch = None if self.term is None else self.term.epoch
         fence = [] if self.term is None else leases.fence_params(self.term)

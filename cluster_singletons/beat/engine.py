@@ -34,14 +34,15 @@ from django.apps import apps
 from django.db import connections
 from django.db.models import F
 
-from cluster_singletons import deliveries, health, ledger, metrics, outbox, planning, refresh
+from cluster_singletons import health, metrics
+from cluster_singletons.beat import deliveries, ledger, outbox, planning, refresh
+from cluster_singletons.beat.planning import Entry
+from cluster_singletons.beat.sources import Schedule
 from cluster_singletons.clock import Clock, SystemClock
+from cluster_singletons.cluster.leadership import Leadership
+from cluster_singletons.cluster.leases import Term
 from cluster_singletons.conf import ClusterSettings, get_settings
-from cluster_singletons.leadership import Leadership
-from cluster_singletons.leases import Term
 from cluster_singletons.models import Run, ScheduleRecord
-from cluster_singletons.planning import Entry
-from cluster_singletons.schedules import Schedule
 
 logger = logging.getLogger("cluster_singletons.beat")
 

@@ -29,18 +29,14 @@ import os
 import sys
 import threading
 import time
-import types
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Protocol, cast
-
-from django.core.exceptions import AppRegistryNotReady, ImproperlyConfigured
+from typing import Protocol
 
 from cluster_singletons.errors import (
     ClockMovedBackwards,
     InvalidSnowflake,
-    MachineIdUnavailable,
     SnowflakeTimeOutOfRange,
 )
 
@@ -413,28 +409,6 @@ class SnowflakeGenerator:
         self._lock.release()
 
 
-def _config_from_settings() -> GeneratorConfig:
-    try:
-        from cluster_singletons.conf import get_settings
-        from cluster_singletons.machine_ids import MachineIdKeeper
-
-        settings = get_settings()
-    except (ImproperlyConfigured, AppRegistryNotReady) as exc:
-        raise MachineIdUnavailable(None, exc) from exc
-    keeper = MachineIdKeeper(
-        using=settings.database,
-        ttl=settings.machine_id_ttl,
-        max_clock_behind=settings.max_clock_rollback,
-        retry_backoff=settings.retry_backoff,
-        retry_backoff_max=settings.retry_backoff_max,
-    )
-    return GeneratorConfig(
-        epoch_ms=settings.snowflake_epoch_ms,
-        max_clock_rollback=settings.max_clock_rollback,
-        machine_ids=keeper,
-    )
-
-
 # -- process-wide wiring ---------------------------------------------------------------------
 
 _GENERATORS: weakref.WeakSet[SnowflakeGenerator] = weakref.WeakSet()
@@ -471,22 +445,3 @@ os.register_at_fork(
     after_in_child=_after_fork_in_child,
 )
 atexit.register(_release_at_exit)
-
-_DEFAULT = SnowflakeGenerator(_config_from_settings)
-
-#: A new Snowflake id from this process's generator, as a plain ``int``. This is the
-#: generator's compiled hot path itself, so a call costs no extra Python frame.
-generate_id: Callable[[], int] = _DEFAULT.next_id
-# Named for what it is, so pickle and Django's migration writer find it by reference.
-cast(types.FunctionType, generate_id).__name__ = "generate_id"
-cast(types.FunctionType, generate_id).__qualname__ = "generate_id"
-
-
-def generate_ids(n: int) -> list[int]:
-    """``n`` new ids in increasing order, filling whole milliseconds at the format's limit."""
-    return _DEFAULT.generate_ids(n)
-
-
-def default_generator() -> SnowflakeGenerator:
-    """The process-wide generator behind ``generate_id`` and ``SnowflakeField``."""
-    return _DEFAULT

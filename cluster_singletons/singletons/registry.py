@@ -31,8 +31,9 @@ from typing import Any, Generic, TypeVar
 from django.db import DatabaseError, connections
 from pydantic import BaseModel
 
-from cluster_singletons import context, health, leases, metrics, schema
-from cluster_singletons.backoff import Backoff
+from cluster_singletons import context, health, metrics
+from cluster_singletons.cluster import leases
+from cluster_singletons.cluster.leadership import Leadership, LeaderWork
 from cluster_singletons.conf import get_settings
 from cluster_singletons.errors import (
     LeadershipLost,
@@ -41,9 +42,10 @@ from cluster_singletons.errors import (
     UnknownSingleton,
     describe,
 )
-from cluster_singletons.leadership import Leadership, LeaderWork
 from cluster_singletons.models import StepRecord
-from cluster_singletons.state import StateStore
+from cluster_singletons.pacing import Backoff
+from cluster_singletons.singletons import state_versions
+from cluster_singletons.singletons.state import StateStore
 
 logger = logging.getLogger("cluster_singletons.singletons")
 
@@ -89,7 +91,7 @@ def singleton(
     """
     if not name or not isinstance(name, str) or len(LEASE_PREFIX + name) > 200:
         raise SingletonConfigError(str(name), "name must be a non-empty string of <= 190 chars")
-    found = schema.problems(state) if state is not None else []
+    found = state_versions.problems(state) if state is not None else []
     if found:
         raise SingletonConfigError(name, "; ".join(found))
     if interval <= 0:
