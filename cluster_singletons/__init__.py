@@ -10,12 +10,12 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from cluster_singletons.beat.crons import cron
     from cluster_singletons.beat.deliveries import deliver_at, deliver_in
-    from cluster_singletons.beat.sources import cron
     from cluster_singletons.clock import Clock, FrozenClock, SystemClock
     from cluster_singletons.cluster.coordinator import Runner
+    from cluster_singletons.cluster.fencing import Term
     from cluster_singletons.cluster.leadership import Leadership, LeaderWork
-    from cluster_singletons.cluster.leases import Term
     from cluster_singletons.conf import ClusterSettings, get_settings
     from cluster_singletons.errors import (
         ClockMovedBackwards,
@@ -88,7 +88,7 @@ _WHERE = {
     "ClusterSingletonsError": "errors",
     "DatabaseUnavailable": "errors",
     "LeadershipLost": "errors",
-    "Term": "cluster.leases",
+    "Term": "cluster.fencing",
     "Leadership": "cluster.leadership",
     "LeaderWork": "cluster.leadership",
     "Runner": "cluster.coordinator",

@@ -22,12 +22,13 @@ from django.template.response import TemplateResponse
 from django.urls import reverse
 from pydantic import ValidationError as ModelInvalid
 
-from cluster_singletons import control, health
-from cluster_singletons.beat import sources
+from cluster_singletons import control, names
+from cluster_singletons.beat import crons
 from cluster_singletons.beat.timetables import preview
-from cluster_singletons.cluster import leases
+from cluster_singletons.cluster import leases, membership
 from cluster_singletons.conf import get_settings
 from cluster_singletons.errors import ClusterSingletonsError, DeliveryNotCancellable
+from cluster_singletons.health.report import cluster_health
 from cluster_singletons.models import (
     ClusterHealth,
     Delivery,
@@ -95,6 +96,11 @@ def _hand_off(
     model_admin.message_user(request, f"handoff of {name} requested")
 
 
+def _singleton_of(state_key: str) -> str:
+    """The singleton a stored state key belongs to (the key itself if none does)."""
+    return names.singleton_of(state_key, get_settings().key_prefix) or state_key
+
+
 class StateForm(ModelForm):
     value = forms.CharField(widget=forms.Textarea(attrs={"rows": 12, "cols": 90}))
     note = forms.CharField(required=False, help_text="Why (kept with the old value in history).")
@@ -104,7 +110,7 @@ class StateForm(ModelForm):
         fields = ("value",)
 
     def clean_value(self) -> str:
-        name = self.instance.key.removeprefix("singleton:")
+        name = _singleton_of(self.instance.key)
         try:
             store = control.singleton_store(name)
         except ClusterSingletonsError as exc:
@@ -129,12 +135,12 @@ class StateRecordAdmin(ModelAdmin):
         return False
 
     def save_model(self, request: HttpRequest, obj: StateRecord, form: Any, change: bool) -> None:
-        name = obj.key.removeprefix("singleton:")
+        name = _singleton_of(obj.key)
         note = form.cleaned_data.get("note") or f"edited in the admin by {request.user}"
         control.import_state(name, form.cleaned_data["value"], note)
 
     def delete_model(self, request: HttpRequest, obj: StateRecord) -> None:
-        control.reset_state(obj.key.removeprefix("singleton:"), f"deleted by {request.user}")
+        control.reset_state(_singleton_of(obj.key), f"deleted by {request.user}")
 
     @admin.action(
         description="Reset state (the old value is kept in history)", permissions=["delete"]
@@ -149,7 +155,7 @@ class StateRecordAdmin(ModelAdmin):
             }
             return TemplateResponse(request, "admin/cluster_singletons/confirm_reset.html", context)
         for row in queryset:
-            control.reset_state(row.key.removeprefix("singleton:"), f"reset by {request.user}")
+            control.reset_state(_singleton_of(row.key), f"reset by {request.user}")
             self.log_change(request, row, "Reset the state (old value kept in history)")
             self.message_user(request, f"reset {row.key}")
         return None
@@ -254,27 +260,27 @@ class DashboardAdmin(ReadOnly):
     def changelist_view(self, request: HttpRequest, extra_context: Any = None) -> HttpResponse:
         if request.method == "POST":
             return self._operate(request)
-        report = health.cluster_health()
-        leases = {lease.name: lease for lease in Lease.objects.select_related("holder")}
-        crons = {s.key: s for s in sources.crons()}
+        db = get_settings().database
+        report = cluster_health()
+        held = leases.by_name(using=db)
+        schedules = {s.key: s for s in crons.registered()}
         now = datetime.now(UTC)
         rows = []
         for item in report.items:
-            cron = crons.get(item.name)
+            cron = schedules.get(item.name)
             upcoming = preview(cron.timetable, 3, after=now) if cron and cron.timetable else []
             rows.append({"item": item, "next_runs": upcoming})
-        runners = list(Runner.objects.order_by("id"))
-        held: dict[int, list[str]] = {}
-        for lease in leases.values():
+        by_holder: dict[int, list[str]] = {}
+        for lease in held.values():
             if lease.holder_id is not None:
-                held.setdefault(lease.holder_id, []).append(lease.name)
+                by_holder.setdefault(lease.holder_id, []).append(lease.name)
         context = {
             **self.admin_site.each_context(request),
             "title": "Cluster health",
             "report": report,
             "rows": rows,
-            "runners": [(r, sorted(held.get(r.id, []))) for r in runners],
-            "changes": Lease.objects.exclude(acquired_at=None).order_by("-acquired_at")[:10],
+            "runners": [(r, sorted(by_holder.get(r.id, []))) for r in membership.rows(using=db)],
+            "changes": leases.recent_changes(using=db),
             "can_hand_off": request.user.has_perm("cluster_singletons.change_lease"),
             "now": now,
             "opts": self.model._meta,
@@ -288,6 +294,9 @@ class DashboardAdmin(ReadOnly):
         if not request.user.has_perm("cluster_singletons.change_lease"):
             raise PermissionDenied
         name = request.POST.get("hand_off", "")
-        lease = Lease.objects.filter(name=get_settings().key_prefix + name).first()
+        settings = get_settings()
+        lease = leases.by_name(using=settings.database).get(
+            names.prefixed(name, settings.key_prefix)
+        )
         _hand_off(self, request, lease, name)
         return HttpResponseRedirect(reverse("admin:cluster_singletons_clusterhealth_changelist"))

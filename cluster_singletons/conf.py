@@ -13,6 +13,8 @@ from django.conf import settings as django_settings
 from django.core.exceptions import ImproperlyConfigured
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from cluster_singletons.names import Overlap
+
 SETTING_NAME = "CLUSTER_SINGLETONS"
 
 
@@ -85,7 +87,7 @@ class ClusterSettings(BaseModel):
             "the 'skip_if_older_than' option."
         ),
     )
-    overlap: Literal["skip", "buffer_one", "allow_all"] = Field(
+    overlap: Overlap = Field(
         "skip",
         description=(
             "Beat overlap policy when a schedule's previous run has not finished: 'skip' "

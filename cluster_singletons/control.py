@@ -17,7 +17,8 @@ from django.db.models import Q
 from pydantic import BaseModel
 
 from cluster_singletons.beat import ledger
-from cluster_singletons.beat.sources import Schedule, load_all
+from cluster_singletons.beat.schedule import Schedule
+from cluster_singletons.beat.sources import load_all
 from cluster_singletons.beat.timetables import Cron, Timetable, preview, zone
 from cluster_singletons.cluster import leases
 from cluster_singletons.conf import get_settings

@@ -7,21 +7,14 @@ Two kinds:
   ``/metrics`` view aggregates every process's files. Gauge modes are chosen on purpose:
   the last-execution timestamp keeps the ``max`` over processes (the newest execution
   anywhere on the host), the leading flag the ``liveall`` sum per live process.
-- **Cluster metrics**, read from the database when scraped (``ClusterCollector``): runners,
+- **Cluster metrics**, read from the database when scraped (``health.collector``): runners,
   healthy runners, singletons led, pending intents and deliveries, heartbeat ages. They are
   the same whichever process serves the scrape, so they are never multiplied by processes.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterator
-
 from prometheus_client import Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import Collector
-
-logger = logging.getLogger("cluster_singletons.metrics")
 
 EXECUTION_SECONDS = Histogram(
     "cluster_singleton_execution_duration_seconds",
@@ -95,41 +88,3 @@ def schedule_label(key: str) -> str:
         _labelled.add(key)
         return key
     return "_other"
-
-
-class ClusterCollector(Collector):
-    """Cluster figures read from the database at scrape time; a failed read yields no
-    samples (and a log line) rather than an error page."""
-
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        from django.db import DatabaseError
-
-        from cluster_singletons import health
-
-        try:
-            report = health.cluster_health(detail=True)
-        except DatabaseError as exc:
-            logger.warning("cluster metrics unavailable: %s", exc)
-            return
-        for name, value, text in (
-            ("cluster_runners", report.runners, "Registered runners seen within the lease TTL."),
-            ("cluster_runners_healthy", report.runners_healthy, "Live runners not stopping."),
-            ("cluster_singletons_led", report.led, "Singletons with a current leader."),
-            ("cluster_beat_pending_intents", report.pending_intents, "Ledger intents unpublished."),
-            (
-                "cluster_pending_deliveries",
-                report.pending_deliveries,
-                "Delayed deliveries waiting.",
-            ),
-            ("cluster_healthy", int(report.healthy), "1 when every check passes."),
-        ):
-            yield GaugeMetricFamily(name, text, value=value)
-        age = GaugeMetricFamily(
-            "cluster_heartbeat_age_seconds",
-            "Seconds since the last heartbeat (the beat: its last pass).",
-            labels=["name", "status"],
-        )
-        for item in report.items:
-            if item.age is not None:
-                age.add_metric([item.name, item.status], item.age)
-        yield age

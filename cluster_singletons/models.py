@@ -9,6 +9,8 @@ from __future__ import annotations
 from django.db import models
 from django.db.models.functions import Now
 
+from cluster_singletons.names import OVERLAP_CHOICES
+
 
 class Runner(models.Model):
     """One OS process that takes part in the cluster; its registration is kept alive."""
@@ -234,7 +236,7 @@ class ScheduleRecord(models.Model):
         max_length=16,
         blank=True,
         default="",
-        choices=[("skip", "skip"), ("buffer_one", "buffer one"), ("allow_all", "allow all")],
+        choices=OVERLAP_CHOICES,
         help_text="Empty: the setting's default.",
     )
     problem = models.TextField(blank=True, default="", help_text="Why it cannot be scheduled.")

@@ -27,10 +27,10 @@ from prometheus_client import (
     multiprocess,
 )
 
-from cluster_singletons import health
 from cluster_singletons.conf import get_settings
 from cluster_singletons.errors import describe
-from cluster_singletons.metrics import ClusterCollector
+from cluster_singletons.health.collector import ClusterCollector
+from cluster_singletons.health.report import cluster_health
 
 logger = logging.getLogger("cluster_singletons.views")
 
@@ -59,7 +59,7 @@ def live(request: HttpRequest) -> JsonResponse:
 def ready(request: HttpRequest) -> JsonResponse:
     detail = may_see_detail(request)
     try:
-        report = health.cluster_health(detail=detail)
+        report = cluster_health(detail=detail)
     except DatabaseError as exc:
         logger.warning("health check: database unavailable: %s", describe(exc))
         body = {"status": "unavailable"}

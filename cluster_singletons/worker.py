@@ -35,9 +35,7 @@ class ClusterRunner(bootsteps.StartStopStep):
         from cluster_singletons.cluster.coordinator import Runner
         from cluster_singletons.singletons import registry
 
-        self.runner = Runner(
-            registry.work(), kind="worker", placement_prefix=registry.LEASE_PREFIX
-        )
+        self.runner = Runner(registry.work(), kind="worker", placement_prefix=registry.LEASE_PREFIX)
         self.runner.start()
 
     def stop(self, parent: Any) -> None:

@@ -21,7 +21,7 @@ from django_celery_beat.models import (
 )
 
 from cluster_singletons import context
-from cluster_singletons.beat import deliveries, ledger, refresh, sources
+from cluster_singletons.beat import crons, deliveries, ledger, refresh
 from cluster_singletons.beat.engine import BeatEngine
 from cluster_singletons.clock import FrozenClock
 from cluster_singletons.cluster import leases, membership
@@ -321,7 +321,7 @@ def test_cron_functions_run_in_the_leader_and_report_their_end(app: Celery) -> N
     def job(run: Run) -> None:
         calls.append((run.tick, context.current().schedule))
 
-    sources.cron("t-cron", "* * * * *", tz="Europe/Berlin")(job)
+    crons.cron("t-cron", "* * * * *", tz="Europe/Berlin")(job)
     try:
         leader = Leader(app)
         leader.at(59)
@@ -332,7 +332,7 @@ def test_cron_functions_run_in_the_leader_and_report_their_end(app: Celery) -> N
             timeout=10,
         )
     finally:
-        sources._crons.pop("cron:t-cron")
+        crons._crons.pop("cron:t-cron")
     assert calls == [(T0 + timedelta(minutes=1), "cron:t-cron")]
     assert _drain(app) == [], "in-runner: nothing goes through the broker"
 

@@ -13,7 +13,10 @@ import pytest
 from django.contrib.auth.models import User
 from django.test import Client
 
-from cluster_singletons import health
+from cluster_singletons.beat import crons
+from cluster_singletons.cluster import heartbeats
+from cluster_singletons.health.report import cluster_health
+from cluster_singletons.health.status import FAILED, HEALTHY, NEVER, NOT_LED, STALE
 from cluster_singletons.models import Heartbeat, Lease, Runner
 from cluster_singletons.singletons import registry
 from project.demo.localcluster import ROOT
@@ -45,7 +48,7 @@ def _lead(name: str, *, since: datetime) -> Runner:
 
 
 def _status(now: datetime = NOW) -> dict[str, str]:
-    return {i.name: i.status for i in health.cluster_health(now=now).items}
+    return {i.name: i.status for i in cluster_health(now=now).items}
 
 
 def _beat(seconds_ago: float | None, failed_ago: float | None = None) -> None:
@@ -62,28 +65,28 @@ def _beat(seconds_ago: float | None, failed_ago: float | None = None) -> None:
 
 @pytest.mark.usefixtures("watched")
 def test_statuses_follow_the_clock() -> None:
-    assert _status() == {"singleton:watched": health.NOT_LED}
+    assert _status() == {"singleton:watched": NOT_LED}
     _lead("singleton:watched", since=NOW - timedelta(seconds=5))
-    assert _status() == {"singleton:watched": health.NEVER}, "within the grace period"
-    assert _status(NOW + timedelta(seconds=31))["singleton:watched"] == health.STALE
+    assert _status() == {"singleton:watched": NEVER}, "within the grace period"
+    assert _status(NOW + timedelta(seconds=31))["singleton:watched"] == STALE
     _beat(5)
-    assert _status()["singleton:watched"] == health.HEALTHY
-    assert _status(NOW + timedelta(seconds=14.9))["singleton:watched"] == health.HEALTHY
-    assert _status(NOW + timedelta(seconds=40))["singleton:watched"] == health.STALE
+    assert _status()["singleton:watched"] == HEALTHY
+    assert _status(NOW + timedelta(seconds=14.9))["singleton:watched"] == HEALTHY
+    assert _status(NOW + timedelta(seconds=40))["singleton:watched"] == STALE
     _beat(5, failed_ago=1)
-    report = health.cluster_health(now=NOW)
+    report = cluster_health(now=NOW)
     (item,) = report.items
-    assert (item.status, item.last_error) == (health.FAILED, "ValueError: boom")
+    assert (item.status, item.last_error) == (FAILED, "ValueError: boom")
     assert not report.healthy
     _beat(0.5, failed_ago=1)
-    assert _status()["singleton:watched"] == health.HEALTHY, "a later success clears it"
+    assert _status()["singleton:watched"] == HEALTHY, "a later success clears it"
 
 
 @pytest.mark.usefixtures("watched")
 def test_a_recorded_execution_counts_and_stamps_database_time() -> None:
     runner = _lead("singleton:watched", since=datetime.now(UTC))
-    health.record("singleton:watched", runner_id=runner.pk, epoch=3, interval=10)
-    health.record("singleton:watched", runner_id=runner.pk, epoch=3, interval=10, error="E: x")
+    heartbeats.record("singleton:watched", runner_id=runner.pk, epoch=3, interval=10)
+    heartbeats.record("singleton:watched", runner_id=runner.pk, epoch=3, interval=10, error="E: x")
     row = Heartbeat.objects.get()
     assert (row.executions, row.failures, row.last_error) == (1, 1, "E: x")
     assert row.beat_at is not None and abs(row.beat_at - datetime.now(UTC)) < timedelta(minutes=1)
@@ -96,7 +99,7 @@ def test_ready_shows_detail_only_to_staff_or_the_token(settings: Any) -> None:
     assert anonymous.status_code == 503
     assert anonymous.json() == {"status": "unhealthy"}
     with_token = Client().get("/cluster/health/ready", HTTP_AUTHORIZATION="Bearer s3cret")
-    assert with_token.json()["checks"][0]["status"] == health.NOT_LED
+    assert with_token.json()["checks"][0]["status"] == NOT_LED
     assert (
         "checks"
         not in Client().get("/cluster/health/ready", HTTP_AUTHORIZATION="Bearer wrong").json()
@@ -163,18 +166,17 @@ def test_metrics_aggregate_processes_in_multiprocess_mode(tmp_path: Path) -> Non
 
 @pytest.mark.usefixtures("isolated_registry")
 def test_a_cron_function_is_stale_when_its_next_run_is_overdue() -> None:
-    from cluster_singletons.beat import sources
 
-    sources.cron("hourly", "0 * * * *")(lambda run: None)
+    crons.cron("hourly", "0 * * * *")(lambda run: None)
     try:
         _lead("beat", since=NOW - timedelta(hours=3))
         Heartbeat.objects.create(
             name="cron:hourly", expected_interval=0, beat_at=NOW - timedelta(minutes=50)
         )
-        statuses = {i.name: i.status for i in health.cluster_health(now=NOW).items}
-        assert statuses["cron:hourly"] == health.HEALTHY, "ran at 11:10; 12:00 is due just now"
+        statuses = {i.name: i.status for i in cluster_health(now=NOW).items}
+        assert statuses["cron:hourly"] == HEALTHY, "ran at 11:10; 12:00 is due just now"
         later = NOW + timedelta(seconds=31)
-        statuses = {i.name: i.status for i in health.cluster_health(now=later).items}
-        assert statuses["cron:hourly"] == health.STALE, "12:00 is overdue by more than stale_grace"
+        statuses = {i.name: i.status for i in cluster_health(now=later).items}
+        assert statuses["cron:hourly"] == STALE, "12:00 is overdue by more than stale_grace"
     finally:
-        sources._crons.pop("cron:hourly")
+        crons._crons.pop("cron:hourly")

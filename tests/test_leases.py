@@ -8,7 +8,7 @@ import pytest
 from django.db import connection
 from django.db.models.functions import Now
 
-from cluster_singletons.cluster import leases, membership
+from cluster_singletons.cluster import crash_detection, fencing, leases, membership
 from cluster_singletons.errors import LeadershipLost
 from cluster_singletons.models import Lease
 from project.demo.models import FencedWrite
@@ -46,7 +46,7 @@ def test_ensure_creates_a_free_lease_and_keeps_an_existing_one(lease: str) -> No
 def test_acquire_free_lease_starts_epoch_one_with_database_expiry(lease: str) -> None:
     me = _runner()
     term = leases.acquire(lease, me, ttl=TTL, using=USING)
-    assert term == leases.Term(name=lease, runner_id=me, epoch=1)
+    assert term == fencing.Term(name=lease, runner_id=me, epoch=1)
     row = Lease.objects.get(name=lease)
     assert row.holder_id == me
     assert row.acquired_at is not None and row.expires_at is not None
@@ -77,7 +77,7 @@ def test_renew_of_another_term_touches_nothing(lease: str) -> None:
     me, other = _runner(), _runner()
     term = leases.acquire(lease, me, ttl=TTL, using=USING)
     assert term is not None
-    stale = leases.Term(name=lease, runner_id=me, epoch=term.epoch - 1)
+    stale = fencing.Term(name=lease, runner_id=me, epoch=term.epoch - 1)
     assert leases.renew(me, [stale], ttl=TTL, using=USING) == set()
     assert leases.renew(other, [term], ttl=TTL, using=USING) == set()
 
@@ -96,7 +96,7 @@ def test_expired_lease_is_taken_and_epoch_increments(lease: str) -> None:
     assert old is not None
     _expire(lease)
     new = leases.acquire(lease, second, ttl=TTL, using=USING)
-    assert new == leases.Term(name=lease, runner_id=second, epoch=old.epoch + 1)
+    assert new == fencing.Term(name=lease, runner_id=second, epoch=old.epoch + 1)
     assert leases.renew(first, [old], ttl=TTL, using=USING) == set()
 
 
@@ -107,7 +107,7 @@ def test_release_frees_at_once_and_next_acquisition_raises_epoch(lease: str) -> 
     assert leases.release(second, using=USING) == []
     assert leases.release(first, using=USING) == [lease]
     assert Lease.objects.get(name=lease).holder_id is None
-    assert leases.acquire(lease, second, ttl=TTL, using=USING) == leases.Term(
+    assert leases.acquire(lease, second, ttl=TTL, using=USING) == fencing.Term(
         name=lease, runner_id=second, epoch=term.epoch + 1
     )
 
@@ -125,7 +125,7 @@ def test_fenced_write_commits_within_the_term(lease: str) -> None:
     me = _runner()
     term = leases.acquire(lease, me, ttl=TTL, using=USING)
     assert term is not None
-    with leases.fenced(term, using=USING, ttl=TTL):
+    with fencing.fenced(term, using=USING, ttl=TTL):
         FencedWrite.objects.create(lease=lease, runner_id=me, epoch=term.epoch)
     assert FencedWrite.objects.filter(epoch=term.epoch).count() == 1
 
@@ -141,7 +141,7 @@ def test_fenced_write_of_a_past_term_is_refused_and_writes_nothing(lease: str, h
         assert leases.acquire(lease, other, ttl=TTL, using=USING)
     if how == "released":
         leases.release(me, using=USING)
-    with pytest.raises(LeadershipLost) as caught, leases.fenced(term, using=USING, ttl=TTL):
+    with pytest.raises(LeadershipLost) as caught, fencing.fenced(term, using=USING, ttl=TTL):
         FencedWrite.objects.create(lease=lease, runner_id=me, epoch=term.epoch)
     assert caught.value.epoch == term.epoch
     assert not FencedWrite.objects.exists()
@@ -151,7 +151,7 @@ def test_failing_body_rolls_back_the_fenced_transaction(lease: str) -> None:
     me = _runner()
     term = leases.acquire(lease, me, ttl=TTL, using=USING)
     assert term is not None
-    with pytest.raises(RuntimeError), leases.fenced(term, using=USING, ttl=TTL):
+    with pytest.raises(RuntimeError), fencing.fenced(term, using=USING, ttl=TTL):
         FencedWrite.objects.create(lease=lease, runner_id=me, epoch=term.epoch)
         raise RuntimeError("boom")
     assert not FencedWrite.objects.exists()
@@ -165,7 +165,9 @@ def test_postgres_takes_lease_of_a_holder_whose_session_died(lease: str) -> None
     dead, standby = _runner(), _runner()
     params = connection.get_connection_params()
     session = psycopg.connect(**params, autocommit=True)
-    session.execute("SELECT pg_advisory_lock(%s, %s)", [leases.LIVENESS_LOCK_NAMESPACE, dead])
+    session.execute(
+        "SELECT pg_advisory_lock(%s, %s)", [crash_detection.LIVENESS_LOCK_NAMESPACE, dead]
+    )
     membership.set_liveness_lock(dead, True, using=USING)
     assert leases.acquire(lease, dead, ttl=TTL, using=USING)
     assert leases.acquire(lease, standby, ttl=TTL, using=USING, crash_detection=True) is None

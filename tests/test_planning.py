@@ -7,8 +7,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from cluster_singletons.beat.planning import Entry, Policy, plan
-from cluster_singletons.beat.sources import Overlap, Schedule
+from cluster_singletons.beat.schedule import Schedule
 from cluster_singletons.beat.timetables import Every
+from cluster_singletons.names import Overlap
 
 pytestmark = pytest.mark.unit
 

@@ -14,7 +14,7 @@ from django.db.models.functions import Now
 from django.test.utils import CaptureQueriesContext
 from pydantic import BaseModel
 
-from cluster_singletons.cluster import leases, membership
+from cluster_singletons.cluster import fencing, leases, membership
 from cluster_singletons.errors import LeadershipLost, SingletonConfigError, SingletonError
 from cluster_singletons.models import Lease, StateHistory, StateRecord
 from cluster_singletons.singletons.state import StateStore, state_store
@@ -31,7 +31,7 @@ class Counter(BaseModel):
     note: str = ""
 
 
-def _term(name: str = "singleton:counter") -> leases.Term:
+def _term(name: str = "singleton:counter") -> fencing.Term:
     leases.ensure([name], using="default")
     me = membership.register(host="t", pid=1, kind="runcluster", using="default")
     term = leases.acquire(name, me, ttl=30, using="default")
@@ -91,7 +91,7 @@ def test_deposed_leaders_save_is_refused_and_the_row_is_unchanged() -> None:
     assert (row.value, row.version) == ('{"count":1,"note":""}', 1)
 
 
-def _end(term: leases.Term, how: str) -> None:
+def _end(term: fencing.Term, how: str) -> None:
     """End ``term`` the way ``how`` says: the lease expired, was taken, or was released."""
     if how in {"expired", "taken"}:
         Lease.objects.filter(name=term.name).update(expires_at=Now() - dt.timedelta(seconds=1))

@@ -18,8 +18,8 @@ from typing import Any
 from django.db.models.functions import Now
 
 from cluster_singletons.beat import ledger
-from cluster_singletons.cluster import leases
-from cluster_singletons.cluster.leases import Term
+from cluster_singletons.cluster import fencing
+from cluster_singletons.cluster.fencing import Term
 from cluster_singletons.conf import get_settings
 from cluster_singletons.errors import DeliveryNotCancellable
 from cluster_singletons.models import Delivery, Run
@@ -81,7 +81,7 @@ def upcoming(*, before: datetime, using: str, limit: int) -> dict[int, datetime]
 def claim(ids: Sequence[int], *, term: Term, using: str, ttl: float) -> list[Run]:
     """Mark these deliveries dispatched and record them in the ledger, fenced on ``term``;
     cancelled ones are left out. Returns the ledger rows to publish."""
-    with leases.fenced(term, using=using, ttl=ttl):
+    with fencing.fenced(term, using=using, ttl=ttl):
         rows = list(
             Delivery.objects.using(using)
             .select_for_update()
@@ -109,3 +109,8 @@ def claim(ids: Sequence[int], *, term: Term, using: str, ttl: float) -> list[Run
 def _decoded(message: str) -> dict[str, Any]:
     data = json.loads(message)
     return {"args": data["args"], "kwargs": data["kwargs"], "options": data["options"]}
+
+
+def pending_count(*, using: str) -> int:
+    """How many deliveries wait for their time (a read)."""
+    return Delivery.objects.using(using).filter(status=Delivery.Status.PENDING).count()

@@ -34,13 +34,14 @@ from django.apps import apps
 from django.db import connections
 from django.db.models import F
 
-from cluster_singletons import health, metrics
+from cluster_singletons import metrics, names
 from cluster_singletons.beat import deliveries, ledger, outbox, planning, refresh
 from cluster_singletons.beat.planning import Entry
-from cluster_singletons.beat.sources import Schedule
+from cluster_singletons.beat.schedule import Schedule
 from cluster_singletons.clock import Clock, SystemClock
+from cluster_singletons.cluster import heartbeats
+from cluster_singletons.cluster.fencing import Term
 from cluster_singletons.cluster.leadership import Leadership
-from cluster_singletons.cluster.leases import Term
 from cluster_singletons.conf import ClusterSettings, get_settings
 from cluster_singletons.models import Run, ScheduleRecord
 
@@ -180,8 +181,8 @@ class BeatEngine:
     def _heartbeat(self, now: datetime, term: Term) -> None:
         """The beat's own freshness: a leader whose loop hangs stops writing this."""
         self._next_heartbeat = now + timedelta(seconds=_HEARTBEAT_EVERY)
-        health.record(
-            health.BEAT,
+        heartbeats.record(
+            names.BEAT,
             runner_id=term.runner_id,
             epoch=term.epoch,
             interval=self.settings.beat_refresh_interval,

@@ -28,8 +28,8 @@ from django.db import IntegrityError, connections, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models.functions import Now
 
-from cluster_singletons.cluster import leases
-from cluster_singletons.cluster.leases import Term
+from cluster_singletons.cluster import fencing
+from cluster_singletons.cluster.fencing import Term
 from cluster_singletons.models import Run, ScheduleRecord
 
 #: Task ids are uuid5(NAMESPACE, "<schedule>|<tick ISO>").
@@ -106,7 +106,7 @@ def record(
     intents whose tick is already in the ledger are left out. Raises ``LeadershipLost``."""
     epoch = term.epoch if term is not None else None
     rows = [intent.row(epoch) for intent in intents]
-    fence = leases.fenced(term, using=using, ttl=ttl) if term else transaction.atomic(using=using)
+    fence = fencing.fenced(term, using=using, ttl=ttl) if term else transaction.atomic(using=using)
     connection = connections[using]
     with fence:
         try:
@@ -241,3 +241,14 @@ def prune(*, before: datetime, using: str) -> int:
         .delete()
     )
     return deleted
+
+
+def pending_count(*, using: str) -> int:
+    """How many intents wait to be published (a read)."""
+    return Run.objects.using(using).filter(status=Run.Status.PENDING).count()
+
+
+def paused(*, using: str) -> frozenset[str]:
+    """The keys of the schedules an operator paused (a read)."""
+    rows = ScheduleRecord.objects.using(using).filter(paused=True)
+    return frozenset(rows.values_list("key", flat=True))

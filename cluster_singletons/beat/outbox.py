@@ -30,11 +30,12 @@ from django.db import connections
 from kombu import exceptions as kombu_errors
 from kombu.serialization import dumps
 
-from cluster_singletons import context, health, metrics
+from cluster_singletons import context, metrics
 from cluster_singletons.beat import ledger
 from cluster_singletons.clock import Clock
+from cluster_singletons.cluster import heartbeats
+from cluster_singletons.cluster.fencing import Term
 from cluster_singletons.cluster.leadership import Leadership
-from cluster_singletons.cluster.leases import Term
 from cluster_singletons.errors import describe
 from cluster_singletons.models import Run
 
@@ -239,7 +240,7 @@ class Outbox:
                     logger.exception("cron %s failed for tick %s", run.schedule, run.tick)
                 finally:
                     ledger.report(run.task_id, status, using=using)
-                    health.record(
+                    heartbeats.record(
                         run.schedule,
                         runner_id=term.runner_id,
                         epoch=term.epoch,

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from cluster_singletons.beat import ledger
-from cluster_singletons.beat.sources import Overlap, Schedule
+from cluster_singletons.beat.schedule import Schedule
 from cluster_singletons.beat.timetables import Every
 from cluster_singletons.models import Run
+from cluster_singletons.names import Overlap
 
 #: A buffered run is looked at again this often while its predecessor is open.
 _OVERLAP_RECHECK = 1.0

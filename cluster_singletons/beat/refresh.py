@@ -16,14 +16,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from django.apps import apps
 from django.db import DatabaseError, connections
-from django.db.models import Count, Max
 
-from cluster_singletons.beat import sources
-from cluster_singletons.beat.sources import Schedule, load_all
+from cluster_singletons.beat import ledger, periodic_tasks
+from cluster_singletons.beat.schedule import Schedule
+from cluster_singletons.beat.sources import load_all
 from cluster_singletons.errors import describe
-from cluster_singletons.models import ScheduleRecord
 
 logger = logging.getLogger("cluster_singletons.beat")
 
@@ -48,31 +46,11 @@ def look(
 ) -> Seen:
     """Paused keys, the sources' signature, and the schedules if it differs from
     ``signature`` (or ``full``)."""
-    paused = frozenset(
-        ScheduleRecord.objects.using(using).filter(paused=True).values_list("key", flat=True)
-    )
-    seen = source_signature(using)
+    paused = ledger.paused(using=using)
+    seen = periodic_tasks.signature(using)
     if not full and seen == signature:
         return Seen(paused, seen, None)
     return Seen(paused, seen, load_all(app, using=using, previous=previous))
-
-
-def source_signature(using: str) -> object:
-    """Changes when django-celery-beat's schedules change. On PostgreSQL it is a digest of
-    every defining column, computed by the server, so bulk ``update()``s are seen too and
-    nothing is reread otherwise; elsewhere a cheap summary, completed by a full reread
-    every minute."""
-    if not apps.is_installed("django_celery_beat"):
-        return None
-    from django_celery_beat.models import PeriodicTask, PeriodicTasks
-
-    if connections[using].vendor == "postgresql":
-        with connections[using].cursor() as cursor:
-            cursor.execute(sources.periodic_digest_sql())
-            return cursor.fetchone()
-    stats = PeriodicTask.objects.using(using).aggregate(n=Count("id"), changed=Max("date_changed"))
-    last = PeriodicTasks.objects.using(using).values_list("last_update", flat=True)
-    return stats["n"], stats["changed"], list(last)
 
 
 class Watcher:

@@ -30,12 +30,13 @@ from cluster_singletons import metrics
 from cluster_singletons.clock import Clock, SystemClock
 from cluster_singletons.cluster import leases, membership, placement
 from cluster_singletons.cluster.crash_detection import Liveness
-from cluster_singletons.cluster.leadership import LeaderWork, Slot
-from cluster_singletons.cluster.leases import Term
+from cluster_singletons.cluster.fencing import Term
+from cluster_singletons.cluster.leadership import LeaderWork
 from cluster_singletons.cluster.placement import View
+from cluster_singletons.cluster.slot import Slot
 from cluster_singletons.conf import ClusterSettings, get_settings
 from cluster_singletons.errors import DatabaseUnavailable, describe
-from cluster_singletons.pacing import Backoff
+from cluster_singletons.pacing import Backoff, belief_window
 
 logger = logging.getLogger("cluster_singletons.runner")
 
@@ -78,9 +79,7 @@ class Runner:
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
         self._liveness: Liveness | None = None
-        self._db_backoff = Backoff(
-            initial=self.settings.retry_backoff, maximum=self.settings.retry_backoff_max
-        )
+        self._db_backoff = Backoff.from_settings(self.settings)
         self._next_heartbeat = 0.0
         self._next_prune = 0.0
         self._next_liveness = float("inf")
@@ -252,8 +251,7 @@ class Runner:
 
     @property
     def _belief_window(self) -> float:
-        ttl = self.settings.lease_ttl
-        return ttl - min(1.0, ttl / 10)
+        return belief_window(self.settings.lease_ttl)
 
     def _acquire_due(self, due: list[Slot], now: float) -> None:
         """One read finds which due leases are takeable, so standing by costs one query per
@@ -335,11 +333,7 @@ class Runner:
             self._step_down(slot, "a fenced write was refused")
         elif slot.outcome == "failed":
             slot.crashes += 1
-            delay = Backoff(
-                initial=self.settings.retry_backoff,
-                maximum=self.settings.retry_backoff_max,
-                failures=slot.crashes - 1,
-            ).delay
+            delay = Backoff.from_settings(self.settings, failures=slot.crashes - 1).delay
             slot.restart_at = now + delay
             logger.warning(
                 "restarting work for %r in %.1fs (crash %d)", slot.name, delay, slot.crashes

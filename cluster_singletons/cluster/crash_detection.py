@@ -18,11 +18,31 @@ from typing import Any
 
 import psycopg
 from django.db import OperationalError, connections
+from django.db.models import BooleanField
+from django.db.models.expressions import RawSQL
 
-from cluster_singletons.cluster.leases import LIVENESS_LOCK_NAMESPACE, RELEASE_CHANNEL
 from cluster_singletons.errors import describe
 
 logger = logging.getLogger("cluster_singletons.runner")
+
+#: Advisory-lock namespace (first key of ``pg_advisory_lock(int, int)``): "CSRL".
+LIVENESS_LOCK_NAMESPACE = 0x4353524C & 0x7FFFFFFF
+#: PostgreSQL channel on which releases are announced, so standbys act at once.
+RELEASE_CHANNEL = "cluster_singletons_release"
+
+
+def runner_is_gone(runner: str) -> RawSQL:
+    """PostgreSQL: true when runner row alias ``runner`` registered a liveness lock that no
+    session holds any more, i.e. its process or connection died."""
+    return RawSQL(
+        f"""({runner}.liveness_lock AND NOT EXISTS (
+                SELECT 1 FROM pg_locks l
+                WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+                  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                  AND l.classid = %s::oid AND l.objid = {runner}.id::oid))""",
+        (LIVENESS_LOCK_NAMESPACE,),
+        output_field=BooleanField(),
+    )
 
 
 class Liveness:

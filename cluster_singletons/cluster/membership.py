@@ -11,11 +11,12 @@ Invariants:
 from __future__ import annotations
 
 import datetime as dt
+from datetime import datetime
 
 from django.db.models import Count, Q
 from django.db.models.functions import Now
 
-from cluster_singletons.cluster.leases import runner_is_gone
+from cluster_singletons.cluster.crash_detection import runner_is_gone
 from cluster_singletons.models import Runner
 
 
@@ -66,3 +67,15 @@ def live_view(
         )
     )
     return dict(counted.values_list("id", "held"))
+
+
+def counts(*, seen_within: float, now: datetime, using: str) -> tuple[int, int]:
+    """Registrations seen within ``seen_within`` seconds of ``now``, and of those the ones
+    not stopping (a read)."""
+    live = Runner.objects.using(using).filter(last_seen__gt=now - dt.timedelta(seconds=seen_within))
+    return live.count(), live.filter(stopping=False).count()
+
+
+def rows(*, using: str) -> list[Runner]:
+    """Every registration, oldest first (a read, for reports)."""
+    return list(Runner.objects.using(using).order_by("id"))

@@ -31,8 +31,8 @@ from typing import Any, Generic, TypeVar
 from django.db import DatabaseError, connections
 from pydantic import BaseModel
 
-from cluster_singletons import context, health, metrics
-from cluster_singletons.cluster import leases
+from cluster_singletons import context, metrics
+from cluster_singletons.cluster import fencing, heartbeats
 from cluster_singletons.cluster.leadership import Leadership, LeaderWork
 from cluster_singletons.conf import get_settings
 from cluster_singletons.errors import (
@@ -201,7 +201,7 @@ class SingletonContext(Generic[M]):
     def _record(self, error: str | None = None, duration: float | None = None) -> None:
         term = self._leadership.term
         try:
-            health.record(
+            heartbeats.record(
                 self.spec.lease,
                 runner_id=term.runner_id,
                 epoch=term.epoch,
@@ -242,16 +242,16 @@ class SingletonContext(Generic[M]):
             ) from exc
         leadership, using = self._leadership, self.store.using
         params: list[str | int] = [self.name, run_key, name, text, self.epoch]
-        params += leases.fence_params(leadership.term)
+        params += fencing.fence_params(leadership.term)
         with (
-            leases.statement_fence(leadership.term, using=using, ttl=leadership.ttl),
+            fencing.statement_fence(leadership.term, using=using, ttl=leadership.ttl),
             connections[using].cursor() as cursor,
         ):
             cursor.execute(_record_step_sql(using), params)
             written = cursor.rowcount
         if written == 1:
             return result
-        leases.ensure_held(leadership.term, using=using)
+        fencing.ensure_held(leadership.term, using=using)
         # Still leading, so the statement met a record of the same step: that one stands.
         recorded = records.get(singleton=self.name, run_key=run_key, name=name).result
         return json.loads(recorded)
@@ -261,7 +261,7 @@ class SingletonContext(Generic[M]):
 def _record_step_sql(using: str) -> str:
     """Built once per database alias; ``recorded_at`` takes its default, the database's clock."""
     columns = ("singleton", "run_key", "name", "result", "epoch")
-    return leases.insert_sql(connections[using], StepRecord, columns, fenced=True)
+    return fencing.insert_sql(connections[using], StepRecord, columns, fenced=True)
 
 
 class SingletonDriver:
@@ -293,7 +293,7 @@ class SingletonDriver:
 
     def _loop(self, ctx: SingletonContext[Any]) -> None:
         settings = get_settings()
-        backoff = Backoff(initial=settings.retry_backoff, maximum=settings.retry_backoff_max)
+        backoff = Backoff.from_settings(settings)
         while ctx.running:
             started = time.monotonic()
             try:

@@ -28,8 +28,8 @@ from django.db import DatabaseError, InterfaceError, connections, transaction
 from django.db.models.functions import Now
 from pydantic import BaseModel
 
-from cluster_singletons.cluster import leases
-from cluster_singletons.cluster.leases import Term
+from cluster_singletons.cluster import fencing
+from cluster_singletons.cluster.fencing import Term
 from cluster_singletons.conf import get_settings
 from cluster_singletons.errors import SingletonConfigError, SingletonError, StateConflict
 from cluster_singletons.models import StateHistory, StateRecord
@@ -201,7 +201,7 @@ class StateStore(Generic[M]):
         version = state_versions.version_of(self.model)
         sql = _save_sql(self.using, fenced=self.term is not None)
         epoch = None if self.term is None else self.term.epoch
-        fence = [] if self.term is None else leases.fence_params(self.term)
+        fence = [] if self.term is None else fencing.fence_params(self.term)
         params: list[str | int | None]
         if expected == 0:
             statement = sql.insert
@@ -215,7 +215,7 @@ class StateStore(Generic[M]):
         if written == 1:
             return
         if self.term is not None:
-            leases.ensure_held(self.term, using=self.using)
+            fencing.ensure_held(self.term, using=self.using)
         raise StateConflict(self.key, expected)
 
     @contextmanager
@@ -238,13 +238,13 @@ class StateStore(Generic[M]):
 
     def _transaction(self) -> AbstractContextManager[None]:
         if self.term is not None:
-            return leases.fenced(self.term, using=self.using, ttl=self._ttl)
+            return fencing.fenced(self.term, using=self.using, ttl=self._ttl)
         return _atomic(self.using)
 
     def _statement_fence(self) -> AbstractContextManager[None]:
         """Around ``_write`` alone: its statement is fenced and atomic by itself."""
         if self.term is not None:
-            return leases.statement_fence(self.term, using=self.using, ttl=self._ttl)
+            return fencing.statement_fence(self.term, using=self.using, ttl=self._ttl)
         return nullcontext()
 
 
@@ -269,15 +269,15 @@ def _save_sql(using: str, *, fenced: bool) -> _SaveSql:
     key, value, schema_version, version, status, updated_at, updated_epoch = map(
         q, ("key", "value", "schema_version", "version", "status", "updated_at", "updated_epoch")
     )
-    fence = f" AND {leases.fence_clause(connection)}" if fenced else ""
+    fence = f" AND {fencing.fence_clause(connection)}" if fenced else ""
     update = (
         f"UPDATE {q(StateRecord._meta.db_table)} SET {value} = %s, {schema_version} = %s,"
-        f" {version} = {version} + 1, {updated_at} = {leases.now_sql(connection)},"
+        f" {version} = {version} + 1, {updated_at} = {fencing.now_sql(connection)},"
         f" {updated_epoch} = %s WHERE {key} = %s AND {version} = %s AND {status} = %s{fence}"
     )
     return _SaveSql(
         update=update,
-        insert=leases.insert_sql(connection, StateRecord, _INSERTED, fenced=fenced),
+        insert=fencing.insert_sql(connection, StateRecord, _INSERTED, fenced=fenced),
     )
 
 

@@ -35,7 +35,7 @@ from django.db.models.functions import Coalesce, Greatest, Now
 
 from cluster_singletons.errors import MachineIdsExhausted, MachineIdUnavailable, describe
 from cluster_singletons.models import MachineId
-from cluster_singletons.pacing import Backoff
+from cluster_singletons.pacing import Backoff, belief_window
 from cluster_singletons.snowflake.generator import MAX_MACHINE_ID, Grant, SystemWallClock, WallClock
 
 logger = logging.getLogger("cluster_singletons.snowflake")
@@ -182,7 +182,7 @@ class MachineIdKeeper:
         self.ttl = ttl
         self.clock: WallClock = clock or SystemWallClock()
         self._max_behind_ms = int(max_clock_behind * 1000)
-        window = ttl - min(1.0, ttl / 10)  # belief ends before the database's expiry
+        window = belief_window(ttl)
         self._window_ns = int(window * 1e9)
         self._window_ms = int(window * 1000)
         self._renew_every_ns = int(ttl / 3 * 1e9)

@@ -7,10 +7,12 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandParser
 
-from cluster_singletons import health
+from cluster_singletons.cluster import leases, membership
 from cluster_singletons.conf import get_settings
+from cluster_singletons.health.report import Report, cluster_health
 from cluster_singletons.management.base import clear_errors
-from cluster_singletons.models import Lease, Runner
+
+_RUNNER_COLUMNS = ("id", "host", "pid", "kind", "started_at", "last_seen", "stopping")
 
 
 class Command(BaseCommand):
@@ -26,29 +28,22 @@ class Command(BaseCommand):
     @clear_errors
     def handle(self, *args: Any, **options: Any) -> None:
         db = get_settings().database
-        report = health.cluster_health()
-        runners: list[dict[str, Any]] = [
-            dict(row)
-            for row in Runner.objects.using(db)
-            .order_by("id")
-            .values("id", "host", "pid", "kind", "started_at", "last_seen", "stopping")
+        report = cluster_health()
+        runners = [
+            {column: getattr(row, column) for column in _RUNNER_COLUMNS}
+            for row in membership.rows(using=db)
         ]
-        leases: list[dict[str, Any]] = [
-            dict(row)
-            for row in Lease.objects.using(db)
-            .order_by("name")
-            .values("name", "holder_id", "epoch", "expires_at", "handoff_requested")
-        ]
+        held = leases.rows(using=db)
         if options["json"]:
-            body = {**report.as_dict(detail=True), "runners": runners, "leases": leases}
+            body = {**report.as_dict(detail=True), "runners": runners, "leases": held}
             self.stdout.write(json.dumps(body, default=str, indent=2))
         else:
-            self._table(report, runners, leases)
+            self._table(report, runners, held)
         if not report.healthy:
             raise SystemExit(1)
 
     def _table(
-        self, report: health.Report, runners: list[dict[str, Any]], leases: list[dict[str, Any]]
+        self, report: Report, runners: list[dict[str, Any]], leases: list[dict[str, Any]]
     ) -> None:
         say = self.stdout.write
         say(f"cluster: {'healthy' if report.healthy else 'UNHEALTHY'}")

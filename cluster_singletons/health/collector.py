@@ -1,0 +1,53 @@
+"""Cluster metrics for Prometheus, read from the database when scraped.
+
+They are the same whichever process serves the scrape (the database holds the cluster),
+so they are never multiplied by processes: runners, healthy runners, singletons led,
+pending intents and deliveries, heartbeat ages. Process metrics are in ``metrics``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+from django.db import DatabaseError
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from cluster_singletons.health.report import cluster_health
+
+logger = logging.getLogger("cluster_singletons.metrics")
+
+
+class ClusterCollector(Collector):
+    """Cluster figures read from the database at scrape time; a failed read yields no
+    samples (and a log line) rather than an error page."""
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            report = cluster_health(detail=True)
+        except DatabaseError as exc:
+            logger.warning("cluster metrics unavailable: %s", exc)
+            return
+        for name, value, text in (
+            ("cluster_runners", report.runners, "Registered runners seen within the lease TTL."),
+            ("cluster_runners_healthy", report.runners_healthy, "Live runners not stopping."),
+            ("cluster_singletons_led", report.led, "Singletons with a current leader."),
+            ("cluster_beat_pending_intents", report.pending_intents, "Ledger intents unpublished."),
+            (
+                "cluster_pending_deliveries",
+                report.pending_deliveries,
+                "Delayed deliveries waiting.",
+            ),
+            ("cluster_healthy", int(report.healthy), "1 when every check passes."),
+        ):
+            yield GaugeMetricFamily(name, text, value=value)
+        age = GaugeMetricFamily(
+            "cluster_heartbeat_age_seconds",
+            "Seconds since the last heartbeat (the beat: its last pass).",
+            labels=["name", "status"],
+        )
+        for item in report.items:
+            if item.age is not None:
+                age.add_metric([item.name, item.status], item.age)
+        yield age

@@ -1,0 +1,125 @@
+"""The cluster's health report: is every singleton, ``@cron`` function and the beat making
+progress, and how many runners are alive?
+
+``cluster_health`` reads the leases, heartbeats and runner registrations through their
+stores and judges each name with ``status.status``. Time is the database's: heartbeats
+are written with its clock and ages computed against it (or against an injected ``now``
+in tests). The probes, ``cluster_status``, the admin dashboard and the scrape-time
+metrics (``collector``) all show this one report.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from cluster_singletons import names
+from cluster_singletons.beat import crons, deliveries, ledger
+from cluster_singletons.cluster import fencing, heartbeats, leases, membership
+from cluster_singletons.conf import ClusterSettings, get_settings
+from cluster_singletons.health.status import NOT_LED, UNHEALTHY, Deadline, status
+from cluster_singletons.singletons import registry
+
+
+@dataclass(frozen=True, kw_only=True)
+class Item:
+    """The health of one singleton, cron function or the beat."""
+
+    name: str
+    kind: str
+    status: str
+    leader: int | None = None
+    epoch: int | None = None
+    age: float | None = None
+    expected_interval: float | None = None
+    executions: int = 0
+    failures: int = 0
+    last_error: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if v not in (None, "")}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Report:
+    healthy: bool
+    runners: int
+    runners_healthy: int
+    led: int
+    pending_intents: int
+    pending_deliveries: int
+    items: list[Item] = field(default_factory=list)
+
+    def as_dict(self, *, detail: bool) -> dict[str, Any]:
+        out: dict[str, Any] = {"status": "ok" if self.healthy else "unhealthy"}
+        if detail:
+            out.update(
+                runners=self.runners,
+                runners_healthy=self.runners_healthy,
+                singletons_led=self.led,
+                pending_intents=self.pending_intents,
+                pending_deliveries=self.pending_deliveries,
+                checks=[item.as_dict() for item in self.items],
+            )
+        return out
+
+
+def cluster_health(
+    *, now: datetime | None = None, detail: bool = True, settings: ClusterSettings | None = None
+) -> Report:
+    """The health of every singleton, cron function and the beat, as of ``now`` (default:
+    the database's clock). Raises ``DatabaseError`` when the database is unreachable."""
+    settings = settings or get_settings()
+    db = settings.database
+    now = now or fencing.database_now(db)
+    prefix = settings.key_prefix
+    held = leases.by_name(using=db)
+    beats = heartbeats.by_name(using=db)
+    grace = timedelta(seconds=settings.stale_grace)
+
+    def item(name: str, lease_name: str, kind: str, interval: float, deadline: Deadline) -> Item:
+        lease = held.get(names.prefixed(lease_name, prefix))
+        beat = beats.get(name)
+        base: dict[str, Any] = {"name": name, "kind": kind, "expected_interval": interval}
+        if beat is not None:
+            base.update(
+                executions=beat.executions, failures=beat.failures, last_error=beat.last_error
+            )
+            if beat.beat_at is not None:
+                base["age"] = round((now - beat.beat_at).total_seconds(), 3)
+        state = status(lease, beat, now, grace=grace, deadline=deadline)
+        if state != NOT_LED:
+            assert lease is not None
+            base.update(leader=lease.holder_id, epoch=lease.epoch)
+        return Item(status=state, **base)
+
+    def every(interval: float) -> Deadline:
+        limit = timedelta(seconds=settings.stale_threshold * interval)
+        return lambda last: last + limit
+
+    found = []
+    if names.BEAT in beats or names.prefixed(names.BEAT, prefix) in held:
+        interval = settings.beat_refresh_interval
+        found.append(item(names.BEAT, names.BEAT, "beat", interval, every(interval)))
+    for spec in registry.registered().values():
+        found.append(item(spec.lease, spec.lease, "singleton", spec.interval, every(spec.interval)))
+    for cron in crons.registered():
+        assert cron.timetable is not None
+        timetable = cron.timetable
+
+        def next_run(last: datetime, timetable: Any = timetable) -> datetime | None:
+            due = timetable.next_after(last)
+            return None if due is None else due + grace
+
+        found.append(item(cron.key, names.BEAT, "cron", 0.0, next_run))
+    runners, healthy_runners = membership.counts(seen_within=settings.lease_ttl, now=now, using=db)
+    return Report(
+        healthy=healthy_runners > 0 and not any(i.status in UNHEALTHY for i in found),
+        runners=runners,
+        runners_healthy=healthy_runners,
+        led=sum(1 for i in found if i.kind == "singleton" and i.status != NOT_LED),
+        pending_intents=ledger.pending_count(using=db),
+        pending_deliveries=deliveries.pending_count(using=db),
+        items=found if detail else [],
+    )

@@ -1,0 +1,47 @@
+"""Health statuses, per name (``singleton:<name>``, ``cron:<name>``, ``beat``), as a pure
+function of the name's lease, its heartbeat and ``now``:
+
+- ``not_led``: no runner holds its lease (the beat's lease for ``@cron`` functions).
+- ``never_executed``: led, but no execution recorded yet; fine during ``stale_grace``
+  after the leader started, ``stale`` after.
+- ``failed``: its last execution raised; ``last_error`` says what.
+- ``stale``: no execution within ``stale_threshold`` x its expected interval (a cron
+  function: its next run overdue by more than ``stale_grace``). For the beat, whose
+  engine beats at least every ``beat_refresh_interval``, this is how a beat that hangs
+  while its process lives turns the health red.
+- ``healthy``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime, timedelta
+
+from cluster_singletons.models import Heartbeat, Lease
+
+HEALTHY, STALE, NEVER, FAILED, NOT_LED = "healthy", "stale", "never_executed", "failed", "not_led"
+UNHEALTHY = frozenset({STALE, FAILED, NOT_LED})
+
+#: When a heartbeat at the given time goes stale (``None``: never).
+Deadline = Callable[[datetime], datetime | None]
+
+
+def status(
+    lease: Lease | None,
+    beat: Heartbeat | None,
+    now: datetime,
+    *,
+    grace: timedelta,
+    deadline: Deadline,
+) -> str:
+    """The status of one name from its lease and heartbeat at ``now`` (a pure function)."""
+    if lease is None or lease.holder_id is None or not lease.expires_at or lease.expires_at <= now:
+        return NOT_LED
+    assert lease.acquired_at is not None
+    grace_end = lease.acquired_at + grace
+    if beat is not None and beat.failed_at and (not beat.beat_at or beat.failed_at > beat.beat_at):
+        return FAILED
+    if beat is None or beat.beat_at is None:
+        return NEVER if now <= grace_end else STALE
+    stale_at = deadline(beat.beat_at)
+    return STALE if stale_at is not None and now > max(stale_at, grace_end) else HEALTHY
