@@ -36,7 +36,8 @@ if TYPE_CHECKING:
         UnknownSingleton,
     )
     from cluster_singletons.fields import SnowflakeField
-    from cluster_singletons.singletons.registry import SingletonContext, singleton
+    from cluster_singletons.singletons.registry import singleton
+    from cluster_singletons.singletons.singleton_context import SingletonContext
     from cluster_singletons.singletons.state import StateStore, state_store
     from cluster_singletons.snowflake import Snowflake, generate_id, generate_ids
 
@@ -97,7 +98,7 @@ _WHERE = {
     "SingletonError": "errors",
     "StateConflict": "errors",
     "UnknownSingleton": "errors",
-    "SingletonContext": "singletons.registry",
+    "SingletonContext": "singletons.singleton_context",
     "singleton": "singletons.registry",
     "StateStore": "singletons.state",
     "state_store": "singletons.state",

@@ -33,9 +33,9 @@ class ClusterRunner(bootsteps.StartStopStep):
 
     def start(self, parent: Any) -> None:
         from cluster_singletons.cluster.coordinator import Runner
-        from cluster_singletons.singletons import registry
+        from cluster_singletons.singletons import driver, registry
 
-        self.runner = Runner(registry.work(), kind="worker", placement_prefix=registry.LEASE_PREFIX)
+        self.runner = Runner(driver.work(), kind="worker", placement_prefix=registry.LEASE_PREFIX)
         self.runner.start()
 
     def stop(self, parent: Any) -> None:

@@ -18,7 +18,8 @@ from cluster_singletons.cluster.leadership import Leadership
 from cluster_singletons.errors import LeadershipLost, SingletonConfigError, SingletonError
 from cluster_singletons.models import Lease, StateRecord, StepRecord
 from cluster_singletons.singletons import registry
-from cluster_singletons.singletons.registry import SingletonContext, SingletonDriver
+from cluster_singletons.singletons.driver import SingletonDriver
+from cluster_singletons.singletons.singleton_context import SingletonContext
 from project.demo.localcluster import poll
 
 pytestmark = [pytest.mark.db, pytest.mark.django_db(transaction=True)]

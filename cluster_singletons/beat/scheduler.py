@@ -17,7 +17,7 @@ from celery.beat import Scheduler
 from cluster_singletons.beat.engine import BeatEngine
 from cluster_singletons.cluster.coordinator import Runner
 from cluster_singletons.cluster.leadership import Leadership, LeaderWork
-from cluster_singletons.singletons import registry
+from cluster_singletons.singletons import driver, registry
 
 logger = logging.getLogger("cluster_singletons.beat")
 
@@ -38,7 +38,7 @@ def beat_work(app: Any) -> LeaderWork:
 
 def cluster_work(app: Any) -> dict[str, LeaderWork]:
     """Everything a full node stands for: the beat and every registered singleton."""
-    return {BEAT_LEASE: beat_work(app), **registry.work()}
+    return {BEAT_LEASE: beat_work(app), **driver.work()}
 
 
 def start_runner(app: Any, kind: str) -> Runner:

@@ -10,7 +10,7 @@ import time
 
 from pydantic import BaseModel
 
-from cluster_singletons.singletons.registry import SingletonContext, singleton
+from cluster_singletons import SingletonContext, singleton
 
 logger = logging.getLogger("project.demo.probes")
 SPREAD = 9

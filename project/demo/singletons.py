@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, Field
 
-from cluster_singletons.singletons.registry import SingletonContext, singleton
+from cluster_singletons import SingletonContext, singleton
 from project.demo.models import Document, FencedWrite
 from project.demo.tasks import ping
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from cluster_singletons.cluster.leadership import Leadership
+from cluster_singletons import Leadership
 from project.demo.models import FencedWrite
 
 
