@@ -119,7 +119,7 @@ def main() -> None:
 
     scratch = setup_django()
     from cluster_singletons.snowflake import default_generator, generate_id, generate_ids
-    from cluster_singletons.snowflake.generator import IDS_PER_SECOND_LIMIT
+    from cluster_singletons.snowflake.contract import IDS_PER_SECOND_LIMIT
 
     try:
         import snowflake as pypi  # the snowflake-id distribution

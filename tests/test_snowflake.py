@@ -22,6 +22,7 @@ from django.db.models.functions import Now
 from django.test import override_settings
 from django.test.utils import isolate_apps
 
+from cluster_singletons.clock import Clock, SystemClock
 from cluster_singletons.errors import (
     ClockMovedBackwards,
     InvalidSnowflake,
@@ -32,18 +33,13 @@ from cluster_singletons.errors import (
 from cluster_singletons.fields import SnowflakeField
 from cluster_singletons.models import MachineId
 from cluster_singletons.snowflake import default_generator, generate_id, machine_ids
+from cluster_singletons.snowflake.contract import MAX_ID, MAX_SEQUENCE, MAX_TIMESTAMP, Grant
 from cluster_singletons.snowflake.generator import (
-    MAX_ID,
-    MAX_SEQUENCE,
-    MAX_TIMESTAMP,
     GeneratorConfig,
-    Grant,
-    Snowflake,
     SnowflakeGenerator,
-    SystemWallClock,
-    WallClock,
 )
-from cluster_singletons.snowflake.machine_ids import MachineIdKeeper
+from cluster_singletons.snowflake.keeper import MachineIdKeeper
+from cluster_singletons.snowflake.value import Snowflake
 from project.demo.localcluster import ROOT
 
 EPOCH_MS = 1_577_836_800_000
@@ -82,7 +78,7 @@ class FakeClock:
 class FixedMachineIds:
     """A machine id source handing out ``ids`` in turn, with a one-hour lease each."""
 
-    def __init__(self, clock: WallClock, *ids: int, belief_s: float = 3600.0) -> None:
+    def __init__(self, clock: Clock, *ids: int, belief_s: float = 3600.0) -> None:
         self.clock, self.ids, self.belief_s = clock, ids, belief_s
         self.acquired: list[Grant] = []
         self.released: list[int] = []
@@ -307,7 +303,7 @@ def test_threads_share_one_sequence_without_duplicates(lock_free: bool) -> None:
         GeneratorConfig(
             epoch_ms=EPOCH_MS,
             max_clock_rollback=1.0,
-            machine_ids=FixedMachineIds(SystemWallClock(), 11),
+            machine_ids=FixedMachineIds(SystemClock(), 11),
         ),
         lock_free=lock_free,
     )

@@ -80,7 +80,7 @@ def test_processes_and_forked_children_issue_millions_of_ids_without_a_duplicate
     tmp_path: Path,
 ) -> None:
     from cluster_singletons.models import MachineId
-    from cluster_singletons.snowflake.generator import Snowflake
+    from cluster_singletons.snowflake.value import Snowflake
 
     processes = [_start("generate", tmp_path, SINGLE, BATCH) for _ in range(WORKERS)]
     _go(tmp_path, 2 * WORKERS, processes)

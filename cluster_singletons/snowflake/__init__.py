@@ -19,7 +19,8 @@ from typing import cast
 from django.core.exceptions import AppRegistryNotReady, ImproperlyConfigured
 
 from cluster_singletons.errors import MachineIdUnavailable
-from cluster_singletons.snowflake.generator import GeneratorConfig, Snowflake, SnowflakeGenerator
+from cluster_singletons.snowflake.generator import GeneratorConfig, SnowflakeGenerator
+from cluster_singletons.snowflake.value import Snowflake
 
 __all__ = ["Snowflake", "SnowflakeGenerator", "default_generator", "generate_id", "generate_ids"]
 
@@ -30,7 +31,7 @@ def _config_from_settings() -> GeneratorConfig:
         # Here, not at the top: the keeper's store needs the models, and this module is
         # imported before Django is set up (settings modules, ``celery.py``).
         from cluster_singletons.conf import get_settings
-        from cluster_singletons.snowflake.machine_ids import MachineIdKeeper
+        from cluster_singletons.snowflake.keeper import MachineIdKeeper
 
         settings = get_settings()
     except (ImproperlyConfigured, AppRegistryNotReady) as exc:

@@ -1,8 +1,4 @@
-"""Snowflake ids: 64-bit, time-sortable, unique across the cluster.
-
-Layout (Twitter's): 1 zero bit, 41 bits of milliseconds since ``snowflake_epoch_ms``,
-10 bits of machine id, 12 bits of sequence. Every process holds its own machine id, leased
-from the database (see ``machine_ids``); nothing is configured by hand.
+"""The Snowflake generator: issues ids for one process, thread-safe and fork-safe.
 
 Invariants the generator keeps:
 
@@ -16,190 +12,36 @@ Invariants the generator keeps:
   ``ClockMovedBackwards`` is raised. A full millisecond (4,096 ids) waits for the next one.
 - A forked child starts afresh: no machine id, no sequence; its first id leases its own.
 
-Importing this module does no I/O: the database is asked on the first id.
+Importing this module does no I/O: the machine id is asked for on the first id.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import datetime as dt
 import itertools
 import os
 import sys
 import threading
-import time
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
 
-from cluster_singletons.errors import (
-    ClockMovedBackwards,
-    InvalidSnowflake,
-    SnowflakeTimeOutOfRange,
+from cluster_singletons.clock import Clock, SystemClock
+from cluster_singletons.errors import ClockMovedBackwards, SnowflakeTimeOutOfRange
+from cluster_singletons.snowflake.contract import (
+    MAX_SEQUENCE,
+    MAX_TIMESTAMP,
+    SEQUENCE_BITS,
+    TIMESTAMP_SHIFT,
+    Grant,
+    MachineIdSource,
 )
 
-TIMESTAMP_BITS, MACHINE_ID_BITS, SEQUENCE_BITS = 41, 10, 12
-MAX_TIMESTAMP = (1 << TIMESTAMP_BITS) - 1
-MAX_MACHINE_ID = (1 << MACHINE_ID_BITS) - 1
-MAX_SEQUENCE = (1 << SEQUENCE_BITS) - 1
-MAX_ID = (1 << (TIMESTAMP_BITS + MACHINE_ID_BITS + SEQUENCE_BITS)) - 1
-#: The format's limit: 4,096 ids per millisecond per machine id.
-IDS_PER_SECOND_LIMIT = (MAX_SEQUENCE + 1) * 1000
-_TIMESTAMP_SHIFT = MACHINE_ID_BITS + SEQUENCE_BITS
 _NEVER = -(1 << 62)
 _Window = tuple[int, int, Iterator[int], Callable[[], int]]
 _CLOSED: _Window = (1, 0, iter(()), iter(()).__next__)  # matches no time
 _GIL_ENABLED: bool = getattr(sys, "_is_gil_enabled", lambda: True)()
-_UNIX_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-
-
-class Snowflake(int):
-    """A Snowflake id: an ``int`` that knows its parts.
-
-    ``str()`` gives the decimal form for JSON (JavaScript numbers hold only 53 bits);
-    ``Snowflake.parse`` reads it back.
-    """
-
-    __slots__ = ()
-
-    def __new__(cls, value: int) -> Snowflake:
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_ID:
-            raise InvalidSnowflake(value)
-        return super().__new__(cls, value)
-
-    @classmethod
-    def parse(cls, text: str) -> Snowflake:
-        """Read the decimal string form (digits only); ``InvalidSnowflake`` otherwise."""
-        if not (isinstance(text, str) and text.isascii() and text.isdigit() and len(text) < 20):
-            raise InvalidSnowflake(text)
-        return cls(int(text))
-
-    @classmethod
-    def from_parts(cls, *, timestamp: int, machine_id: int, sequence: int) -> Snowflake:
-        """The id with these parts (``timestamp`` in milliseconds since the epoch)."""
-        if not (
-            0 <= timestamp <= MAX_TIMESTAMP
-            and 0 <= machine_id <= MAX_MACHINE_ID
-            and 0 <= sequence <= MAX_SEQUENCE
-        ):
-            raise InvalidSnowflake((timestamp, machine_id, sequence))
-        return cls(timestamp << _TIMESTAMP_SHIFT | machine_id << SEQUENCE_BITS | sequence)
-
-    @classmethod
-    def first_at(cls, when: dt.datetime, *, epoch_ms: int | None = None) -> Snowflake:
-        """The smallest id of (aware) ``when``'s millisecond: ``pk__gte=Snowflake.first_at(t)``."""
-        epoch = _configured_epoch_ms() if epoch_ms is None else epoch_ms
-        ms = (when - _UNIX_EPOCH) // dt.timedelta(milliseconds=1) - epoch  # exact, no float
-        if not 0 <= ms <= MAX_TIMESTAMP:
-            raise SnowflakeTimeOutOfRange(ms + epoch, epoch)
-        return cls.from_parts(timestamp=ms, machine_id=0, sequence=0)
-
-    @property
-    def timestamp(self) -> int:
-        """Milliseconds since the epoch."""
-        return self >> _TIMESTAMP_SHIFT
-
-    @property
-    def machine_id(self) -> int:
-        return (self >> SEQUENCE_BITS) & MAX_MACHINE_ID
-
-    @property
-    def sequence(self) -> int:
-        return self & MAX_SEQUENCE
-
-    @property
-    def datetime(self) -> dt.datetime:
-        """When the id was issued (UTC), by the configured ``snowflake_epoch_ms``."""
-        return self.datetime_at(_configured_epoch_ms())
-
-    def datetime_at(self, epoch_ms: int) -> dt.datetime:
-        """When the id was issued (UTC), for ids counted from ``epoch_ms``."""
-        return _UNIX_EPOCH + dt.timedelta(milliseconds=self.timestamp + epoch_ms)
-
-    def __repr__(self) -> str:
-        return f"Snowflake({int(self)})"
-
-    __str__ = int.__repr__
-
-
-def _configured_epoch_ms() -> int:
-    from cluster_singletons.conf import get_settings
-
-    return get_settings().snowflake_epoch_ms
-
-
-class WallClock(Protocol):
-    """Time as the generator sees it; tests inject one that moves only when told to."""
-
-    def time_ns(self) -> int:
-        """Wall-clock nanoseconds since the Unix epoch (may step backwards)."""
-        ...
-
-    def monotonic_ns(self) -> int:
-        """Nanoseconds on a clock that never goes backwards."""
-        ...
-
-    def sleep(self, seconds: float) -> None: ...
-
-
-class SystemWallClock:
-    """The real clocks."""
-
-    time_ns = staticmethod(time.time_ns)
-    monotonic_ns = staticmethod(time.monotonic_ns)
-
-    def sleep(self, seconds: float) -> None:
-        """Sleep; waits under 2 ms spin (yielding the GIL) so they end within microseconds."""
-        if seconds >= 0.002:
-            time.sleep(seconds)
-            return
-        deadline = time.perf_counter() + seconds
-        while time.perf_counter() < deadline:
-            time.sleep(0)
-
-
-@dataclass(frozen=True, kw_only=True)
-class Grant:
-    """A machine id this process may use, and the bounds of that use."""
-
-    machine_id: int
-    #: Names this lease (a fresh token on every acquisition).
-    token: str
-    #: Unix ms: ids issued under this machine id before this lease are not later than this.
-    floor_ms: int
-    #: Unix ms: ids may carry timestamps up to this one under this lease.
-    reserved_until_ms: int
-    #: Monotonic ns (of the generator's clock): ids may be issued until then.
-    believed_until_ns: int
-    #: False once the lease is known to be lost.
-    held: bool = True
-
-
-class MachineIdSource(Protocol):
-    """Where a generator's machine id comes from: the database, or a test double."""
-
-    def acquire(self, on_change: Callable[[Grant], None]) -> None:
-        """Block until ``on_change`` was given a held grant (renewed, or a new lease).
-
-        Later renewals and a loss are reported through ``on_change`` too, one at a time.
-        """
-        ...
-
-    def release(self, last_ms: int) -> None:
-        """Give the machine id back; no id issued with it has a timestamp after ``last_ms``."""
-        ...
-
-    def before_fork(self) -> None:
-        """Just before ``fork()``: let no database call of this source be in flight."""
-        ...
-
-    def after_fork_in_parent(self) -> None: ...
-
-    def after_fork_in_child(self) -> None:
-        """In the child: drop the parent's lease and threads without any I/O."""
-        ...
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -222,12 +64,12 @@ class SnowflakeGenerator:
         self,
         config: GeneratorConfig | Callable[[], GeneratorConfig],
         *,
-        clock: WallClock | None = None,
+        clock: Clock | None = None,
         lock_free: bool | None = None,
     ) -> None:
         self._make_config = config if callable(config) else (lambda: config)
         self._config: GeneratorConfig | None = None
-        self._clock: WallClock = clock or SystemWallClock()
+        self._clock: Clock = clock or SystemClock()
         self._lock = threading.Lock()
         self._setup_lock = threading.Lock()
         # The current millisecond's window, replaced whole (a tuple) so that a reader
@@ -345,7 +187,7 @@ class SnowflakeGenerator:
                 clock.sleep(((target + epoch) * 1_000_000 - now) / 1e9)
 
     def _open(self, ms: int) -> None:
-        base = ms << _TIMESTAMP_SHIFT | self._bits
+        base = ms << TIMESTAMP_SHIFT | self._bits
         ids = iter(range(base, base + MAX_SEQUENCE + 1))
         start = (ms + self._epoch_ms) * 1_000_000
         self._window[0] = (start, start + 1_000_000, ids, ids.__next__)
