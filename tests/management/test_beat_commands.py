@@ -13,7 +13,7 @@ from django_celery_beat.models import IntervalSchedule, PeriodicTask
 
 from cluster_singletons import control
 from cluster_singletons.models import Run, ScheduleRecord
-from tests.test_beat_engine import T0, Leader, _drain, app  # noqa: F401 (fixture)
+from tests.beat.test_engine import T0, Leader, _drain, app  # noqa: F401 (fixture)
 
 pytestmark = [pytest.mark.db, pytest.mark.django_db(transaction=True)]
 

@@ -16,7 +16,7 @@ from celery import Celery
 
 from cluster_singletons.models import Run
 from project.demo.localcluster import poll, received
-from tests.test_beat_engine import T0, Leader
+from tests.beat.test_engine import T0, Leader
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.django_db(transaction=True)]
 

@@ -1,7 +1,7 @@
 """Snowflake ids from real processes and forked children at once, on the test database.
 
 Run as a module, this file is the worker those tests start:
-``python -m tests.test_snowflake_processes generate|lease OUT_DIR ...``.
+``python -m tests.snowflake.test_processes generate|lease OUT_DIR ...``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ WORKERS = 3  # each forks one child: six generators at once
 SINGLE, BATCH = 250_000, 250_000  # ids per generator: 3,000,000 in all
 
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _start(mode: str, out: Path, *args: object) -> subprocess.Popen[bytes]:
@@ -38,7 +38,7 @@ def _start(mode: str, out: Path, *args: object) -> subprocess.Popen[bytes]:
         "DJANGO_SETTINGS_MODULE": "project.settings",
         "PYTHONUNBUFFERED": "1",
     }
-    cmd = [sys.executable, "-m", "tests.test_snowflake_processes", mode, str(out), *map(str, args)]
+    cmd = [sys.executable, "-m", "tests.snowflake.test_processes", mode, str(out), *map(str, args)]
     with (out / f"worker-{uuid.uuid4().hex[:8]}.log").open("wb") as log:
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 

@@ -23,7 +23,7 @@ from project.demo.singletons import IndexerState
 
 pytestmark = [pytest.mark.db, pytest.mark.django_db(transaction=True)]
 
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "state_v1.json"
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "state_v1.json"
 
 
 class Counter(BaseModel):
