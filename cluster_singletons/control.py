@@ -13,7 +13,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from celery import current_app
-from django.db.models import Q
 from pydantic import BaseModel
 
 from cluster_singletons.beat import ledger
@@ -23,7 +22,7 @@ from cluster_singletons.beat.timetables import Cron, Timetable, preview, zone
 from cluster_singletons.cluster import leases
 from cluster_singletons.conf import get_settings
 from cluster_singletons.errors import ScheduleInvalid, UnknownSchedule
-from cluster_singletons.models import Run, ScheduleRecord, StateRecord
+from cluster_singletons.models import Run, StateRecord
 from cluster_singletons.singletons import registry
 from cluster_singletons.singletons.state import StateStore
 
@@ -91,9 +90,7 @@ def resume(name: str) -> None:
 
 def set_paused(key: str, note: str | None) -> None:
     """Pause schedule ``key`` with ``note`` saying why, or resume it (``None``)."""
-    ScheduleRecord.objects.using(get_settings().database).update_or_create(
-        key=key, defaults={"paused": note is not None, "pause_note": note or ""}
-    )
+    ledger.set_paused(key, note, using=get_settings().database)
 
 
 def backfill(name: str, start: datetime, end: datetime) -> tuple[int, int]:
@@ -112,7 +109,7 @@ def backfill(name: str, start: datetime, end: datetime) -> tuple[int, int]:
         if len(ticks) > MAX_BACKFILL:
             raise ValueError(f"more than {MAX_BACKFILL} ticks in that range; split it")
         cursor = tick
-    ran = _covered(schedule.key, start, end)
+    ran = ledger.covered(schedule.key, start, end, using=get_settings().database)
     todo = [t for t in ticks if not any(a <= t <= b for a, b in ran)]
     intents = [
         ledger.Intent(
@@ -157,18 +154,6 @@ def _dispatchable(name: str) -> Schedule:
     return schedule
 
 
-def _covered(key: str, start: datetime, end: datetime) -> list[tuple[datetime, datetime]]:
-    """The tick ranges of ``key`` that ran (or are on their way), overlapping [start, end]."""
-    rows = (
-        Run.objects.using(get_settings().database)
-        .filter(schedule=key, tick__gte=start)
-        .filter(Q(first_tick__isnull=True, tick__lte=end) | Q(first_tick__lte=end))
-        .exclude(status__in=[Run.Status.SKIPPED, Run.Status.ERROR])
-        .values_list("first_tick", "tick")
-    )
-    return [(first or tick, tick) for first, tick in rows]
-
-
 def _record(intents: list[ledger.Intent]) -> list[Run]:
     settings = get_settings()
     return ledger.record(
@@ -186,8 +171,7 @@ def singleton_store(name: str) -> StateStore[Any]:
 
 
 def state_row(name: str) -> StateRecord | None:
-    store = singleton_store(name)
-    return StateRecord.objects.using(store.using).filter(key=store.key).first()
+    return singleton_store(name).row()
 
 
 def reset_state(name: str, note: str = "") -> None:

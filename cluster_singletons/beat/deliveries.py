@@ -3,9 +3,18 @@
 ``deliver_at(signature, when)`` replaces a long ``eta``/``countdown``: those sit in a
 worker's memory until due, are lost with an unacknowledged message on some brokers and
 redelivered on Redis once they outlive ``visibility_timeout``. A delivery is a row; the
-leading beat claims it when due, in a transaction fenced on its term that also records
-it in the run ledger (schedule ``delivery:<id>``), and publishes it once. Until then it
-can be cancelled.
+leading beat claims it when due and publishes it once. Until then it can be cancelled.
+
+The writes (their invariants), and whether each is fenced:
+
+- ``deliver_at``: an application's insert (a Snowflake id, status ``pending``).
+- ``cancel``: ``pending`` -> ``cancelled`` in one conditional statement; a delivery
+  already claimed cannot be cancelled (``DeliveryNotCancellable``).
+- ``claim``: fenced on the beat's term, in one transaction that marks the deliveries
+  dispatched and records them in the run ledger (schedule ``delivery:<id>``): a deposed
+  leader claims nothing, and a claimed delivery is in the ledger exactly once.
+
+``upcoming`` and ``pending_count`` are reads.
 """
 
 from __future__ import annotations

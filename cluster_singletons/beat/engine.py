@@ -32,10 +32,9 @@ from typing import Any
 
 from django.apps import apps
 from django.db import connections
-from django.db.models import F
 
 from cluster_singletons import metrics, names
-from cluster_singletons.beat import deliveries, ledger, outbox, planning, refresh
+from cluster_singletons.beat import deliveries, ledger, outbox, periodic_tasks, planning, refresh
 from cluster_singletons.beat.planning import Entry
 from cluster_singletons.beat.schedule import Schedule
 from cluster_singletons.clock import Clock, SystemClock
@@ -43,7 +42,7 @@ from cluster_singletons.cluster import heartbeats
 from cluster_singletons.cluster.fencing import Term
 from cluster_singletons.cluster.leadership import Leadership
 from cluster_singletons.conf import ClusterSettings, get_settings
-from cluster_singletons.models import Run, ScheduleRecord
+from cluster_singletons.models import Run
 
 logger = logging.getLogger("cluster_singletons.beat")
 
@@ -55,8 +54,6 @@ _MAX_BATCH = 5000
 #: ahead (a thousand crontabs due at the same second) never holds up runs already due.
 _AHEAD_PER_PASS = 100
 _HEARTBEAT_EVERY = 1.0
-#: New schedules looked up in the ledger by key up to this many; more: one scan.
-_RECORDS_BY_KEY = 1000
 #: How often the leading beat takes what the refresh thread saw.
 _TAKE_EVERY = 0.25
 _NEVER = datetime.max.replace(tzinfo=UTC)
@@ -287,15 +284,10 @@ class BeatEngine:
         names = [r.schedule.partition(":")[2] for r in runs if r.schedule.startswith("periodic:")]
         if not names or not apps.is_installed("django_celery_beat"):
             return
-        from django_celery_beat.models import PeriodicTask
-
-        tasks = PeriodicTask.objects.using(self.using).filter(name__in=names)
-        tasks.update(last_run_at=self.clock.now(), total_run_count=F("total_run_count") + 1)
         one_off = [
             n for n in names if (e := self._entries.get(f"periodic:{n}")) and e.schedule.one_off
         ]
-        if one_off:
-            tasks.filter(name__in=one_off).update(enabled=False)
+        periodic_tasks.record_runs(names, one_off=one_off, at=self.clock.now(), using=self.using)
 
     def _republish(
         self, now: datetime, leadership: Leadership, *, ahead: timedelta = timedelta(0)
@@ -364,7 +356,7 @@ class BeatEngine:
         found = seen.found
         known = self._entries
         new_keys = [k for k in found if k not in known]
-        records = self._records(new_keys) if new_keys else {}
+        records = ledger.last_ticks(new_keys, using=self.using) if new_keys else {}
         problems = []
         for key in [k for k in known if k not in found]:
             del known[key]
@@ -393,25 +385,9 @@ class BeatEngine:
         if problems:
             self._flag(problems, now, term)
 
-    def _records(self, keys: list[str]) -> dict[str, datetime | None]:
-        """The ledger's last tick of these schedules (those it has)."""
-        records = ScheduleRecord.objects.using(self.using)
-        if len(keys) > _RECORDS_BY_KEY:  # a first load: one scan beats thousands of IN lists
-            wanted = set(keys)
-            rows = records.values_list("key", "last_tick").iterator(chunk_size=10_000)
-            return {key: tick for key, tick in rows if key in wanted}
-        return dict(records.filter(key__in=keys).values_list("key", "last_tick"))
-
     def _open_runs(self, now: datetime) -> None:
         since = now - timedelta(seconds=self.settings.overlap_timeout)
-        rows = (
-            Run.objects.using(self.using)
-            .filter(created_at__gte=since)
-            .exclude(status__in=Run.FINISHED)
-            .order_by("id")
-            .values_list("task_id", "schedule", "created_at")
-        )
-        for task_id, key, created in rows:
+        for task_id, key, created in ledger.open_runs(since=since, using=self.using):
             entry = self._entries.get(key)
             if entry is not None:
                 entry.open_run, entry.open_since = task_id, created
@@ -420,12 +396,7 @@ class BeatEngine:
         for schedule in schedules:
             logger.error("schedule %s cannot run: %s", schedule.key, schedule.problem)
             metrics.SCHEDULE_ERRORS.labels(metrics.schedule_label(schedule.key)).inc()
-        ScheduleRecord.objects.using(self.using).bulk_create(
-            [ScheduleRecord(key=s.key, problem=s.problem) for s in schedules],
-            update_conflicts=True,
-            unique_fields=["key"],
-            update_fields=["problem"],
-        )
+        ledger.set_problems({s.key: s.problem for s in schedules}, using=self.using)
         ledger.record(
             [
                 ledger.Intent(schedule=s.key, tick=now, status=Run.Status.ERROR, reason=s.problem)

@@ -1,9 +1,8 @@
-"""The run ledger: one row per (schedule, tick), written fenced, published after commit.
+"""The run ledger: one row per (schedule, tick), written fenced, published after commit;
+and the beat's per-schedule records (last tick, pause flag, problem).
 
 Invariants:
 
-- A row is inserted only in a transaction fenced on the beat lease's term, together with
-  the schedule's new ``last_tick``; a deposed leader's batch commits nothing.
 - ``(schedule, tick)`` is unique, so a tick is recorded, and therefore dispatched, at most
   once whoever leads; a clash (a backfill or run-now already took the tick) drops only the
   clashing intent.
@@ -12,6 +11,24 @@ Invariants:
   consumer can tell a re-publication from a new run.
 - Workers report ``started`` / ``succeeded`` / ``failed`` (task signals), which is how the
   overlap policy knows across machines whether a run has finished.
+
+The writes (their invariants), and whether each is fenced:
+
+- ``record``: fenced on the beat lease's term (one transaction with the schedules' new
+  ``last_tick``): a deposed leader's batch commits nothing. Operator commands (run now,
+  backfill) and claimed deliveries record with ``term=None`` or inside their own fence.
+- ``mark_published``: not fenced. It only moves a ``pending`` row the caller itself just
+  published to ``published``; a deposed leader that published did publish, and the next
+  leader republishes pending rows under the same task id either way.
+- ``fail``: not fenced. A row whose message cannot be built (the same code and row on any
+  leader) leaves ``pending`` for ``error``; only ``pending`` rows change.
+- ``set_problems``: not fenced. It records why a schedule's own definition cannot run,
+  which any leader reading the same source computes alike; it decides nothing.
+- ``report``: workers, not leaders; only moves a run forward (never reopens a finished one).
+- ``revive_skipped``, ``set_paused``, ``prune``: operators, not leaders; ``prune`` keeps
+  rows still ``pending``.
+
+Everything else here is a read.
 """
 
 from __future__ import annotations
@@ -26,6 +43,7 @@ from typing import Any
 
 from django.db import IntegrityError, connections, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
+from django.db.models import Q
 from django.db.models.functions import Now
 
 from cluster_singletons.cluster import fencing
@@ -252,3 +270,62 @@ def paused(*, using: str) -> frozenset[str]:
     """The keys of the schedules an operator paused (a read)."""
     rows = ScheduleRecord.objects.using(using).filter(paused=True)
     return frozenset(rows.values_list("key", flat=True))
+
+
+#: Schedules looked up by key up to this many; more (a first load): one scan.
+_BY_KEY = 1000
+
+
+def last_ticks(keys: list[str], *, using: str) -> dict[str, datetime | None]:
+    """The recorded ``last_tick`` of these schedules (those the ledger has; a read)."""
+    records = ScheduleRecord.objects.using(using)
+    if len(keys) > _BY_KEY:  # one scan beats thousands of IN lists
+        wanted = set(keys)
+        rows = records.values_list("key", "last_tick").iterator(chunk_size=10_000)
+        return {key: tick for key, tick in rows if key in wanted}
+    return dict(records.filter(key__in=keys).values_list("key", "last_tick"))
+
+
+def open_runs(*, since: datetime, using: str) -> list[tuple[str, str, datetime]]:
+    """(task id, schedule, created at) of runs created since ``since`` that have not
+    finished, oldest first (a read)."""
+    rows = (
+        Run.objects.using(using)
+        .filter(created_at__gte=since)
+        .exclude(status__in=Run.FINISHED)
+        .order_by("id")
+        .values_list("task_id", "schedule", "created_at")
+    )
+    return list(rows)
+
+
+def set_problems(problems: dict[str, str], *, using: str) -> None:
+    """Record why these schedules cannot run (key: problem), creating their records."""
+    ScheduleRecord.objects.using(using).bulk_create(
+        [ScheduleRecord(key=key, problem=problem) for key, problem in problems.items()],
+        update_conflicts=True,
+        unique_fields=["key"],
+        update_fields=["problem"],
+    )
+
+
+def set_paused(key: str, note: str | None, *, using: str) -> None:
+    """Pause schedule ``key`` with ``note`` saying why, or resume it (``None``)."""
+    ScheduleRecord.objects.using(using).update_or_create(
+        key=key, defaults={"paused": note is not None, "pause_note": note or ""}
+    )
+
+
+def covered(
+    key: str, start: datetime, end: datetime, *, using: str
+) -> list[tuple[datetime, datetime]]:
+    """The tick ranges of ``key`` that ran (or are on their way), overlapping [start, end]
+    (a read; skipped and failed-to-build rows are not coverage)."""
+    rows = (
+        Run.objects.using(using)
+        .filter(schedule=key, tick__gte=start)
+        .filter(Q(first_tick__isnull=True, tick__lte=end) | Q(first_tick__lte=end))
+        .exclude(status__in=[Run.Status.SKIPPED, Run.Status.ERROR])
+        .values_list("first_tick", "tick")
+    )
+    return [(first or tick, tick) for first, tick in rows]

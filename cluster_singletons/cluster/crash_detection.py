@@ -7,6 +7,10 @@ The same session LISTENs for lease releases so standbys act on a handoff at once
 
 Behind a transaction-pooling PgBouncer neither a session lock nor LISTEN means anything;
 set ``crash_detection='ttl'`` there and leases fall back to expiry.
+
+Statements: ``pg_advisory_lock``, ``LISTEN`` and ``SELECT 1`` on the liveness session,
+and ``runner_is_gone``, the SQL condition the lease and membership stores read. Nothing
+here writes a table, so nothing needs fencing.
 """
 
 from __future__ import annotations

@@ -6,6 +6,11 @@ Invariants:
 - A registration is only deleted by its own runner (clean exit) or, once it has not been
   seen for ``runner_forget_after``, by any runner; a deleted registration releases nothing
   by itself (its leases expire or are taken over as usual).
+- No write here is fenced: each touches only the writer's own registration (``touch``,
+  ``mark_stopping``, ``set_liveness_lock``, ``deregister``) or registrations long dead
+  (``forget_stale``), and none decides who leads: leases do.
+
+``live_view``, ``counts`` and ``rows`` are reads.
 """
 
 from __future__ import annotations

@@ -66,6 +66,10 @@ class StateStore(Generic[M]):
 
     # -- reading -----------------------------------------------------------------------
 
+    def row(self) -> StateRecord | None:
+        """The stored row as it is, undecoded (an operator's view; a read)."""
+        return StateRecord.objects.using(self.using).filter(key=self.key).first()
+
     def load(self) -> M:
         """The stored value (upgraded if older), or the model's defaults when absent."""
         with self._failing_as("StateLoadFailed"):
