@@ -13,9 +13,9 @@ if TYPE_CHECKING:
     from cluster_singletons.beat.crons import cron
     from cluster_singletons.beat.deliveries import deliver_at, deliver_in
     from cluster_singletons.clock import Clock, FrozenClock, SystemClock
-    from cluster_singletons.cluster.coordinator import Runner
     from cluster_singletons.cluster.fencing import Term
     from cluster_singletons.cluster.leadership import Leadership, LeaderWork
+    from cluster_singletons.cluster.runner import Runner
     from cluster_singletons.conf import ClusterSettings, get_settings
     from cluster_singletons.errors import (
         ClockMovedBackwards,
@@ -92,7 +92,7 @@ _WHERE = {
     "Term": "cluster.fencing",
     "Leadership": "cluster.leadership",
     "LeaderWork": "cluster.leadership",
-    "Runner": "cluster.coordinator",
+    "Runner": "cluster.runner",
     "ClusterContextRequired": "errors",
     "SingletonConfigError": "errors",
     "SingletonError": "errors",

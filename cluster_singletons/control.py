@@ -65,15 +65,8 @@ def upcoming(spec: str, count: int, *, tz: str | None = None) -> list[datetime]:
 def run_now(name: str, *, note: str = "") -> Run:
     """Record a manual run of schedule ``name``; the leader publishes it."""
     schedule = _dispatchable(name)
-    intent = ledger.Intent(
-        schedule=schedule.key,
-        tick=datetime.now(UTC),
-        kind=Run.Kind.MANUAL,
-        reason=note or "run now",
-        task=schedule.task,
-        args=schedule.args,
-        kwargs=dict(schedule.kwargs),
-        options=dict(schedule.options),
+    intent = ledger.Intent.run_of(
+        schedule, datetime.now(UTC), kind=Run.Kind.MANUAL, reason=note or "run now"
     )
     (row,) = _record([intent])
     return row
@@ -111,18 +104,9 @@ def backfill(name: str, start: datetime, end: datetime) -> tuple[int, int]:
         cursor = tick
     ran = ledger.covered(schedule.key, start, end, using=get_settings().database)
     todo = [t for t in ticks if not any(a <= t <= b for a, b in ran)]
+    reason = f"backfill {start.isoformat()} .. {end.isoformat()}"
     intents = [
-        ledger.Intent(
-            schedule=schedule.key,
-            tick=tick,
-            kind=Run.Kind.BACKFILL,
-            reason=f"backfill {start.isoformat()} .. {end.isoformat()}",
-            task=schedule.task,
-            args=schedule.args,
-            kwargs=dict(schedule.kwargs),
-            options=dict(schedule.options),
-        )
-        for tick in todo
+        ledger.Intent.run_of(schedule, tick, kind=Run.Kind.BACKFILL, reason=reason) for tick in todo
     ]
     recorded = _record(intents) if intents else []
     taken = {r.tick for r in recorded}

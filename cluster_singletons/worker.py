@@ -32,7 +32,7 @@ class ClusterRunner(bootsteps.StartStopStep):
         self.runner: Any = None
 
     def start(self, parent: Any) -> None:
-        from cluster_singletons.cluster.coordinator import Runner
+        from cluster_singletons.cluster.runner import Runner
         from cluster_singletons.singletons import driver, registry
 
         self.runner = Runner(driver.work(), kind="worker", placement_prefix=registry.LEASE_PREFIX)

@@ -368,16 +368,7 @@ class BeatEngine:
                 continue
             if schedule.problem and (entry is None or entry.schedule.problem != schedule.problem):
                 problems.append(schedule)
-            last = entry.last_tick if entry is not None else records.get(key)
-            # Continue the chain from the ledger; a schedule new to it starts from its own
-            # record of its last run, else from when it was last edited, else from now.
-            start = last or schedule.last_run_at or schedule.changed_at or now
-            if entry is not None:
-                start = max(start, now)  # an edit takes effect from now
-            updated = Entry(schedule=schedule, last_tick=last)
-            if entry is not None:
-                updated.open_run, updated.open_since = entry.open_run, entry.open_since
-            updated.next_tick = updated.due = schedule.first_tick_after(start)
+            updated = planning.resume(schedule, entry, recorded=records.get(key), now=now)
             known[key] = updated
             self._push(updated)
         self._schedules = {k: e.schedule for k, e in known.items()}
@@ -396,13 +387,9 @@ class BeatEngine:
         for schedule in schedules:
             logger.error("schedule %s cannot run: %s", schedule.key, schedule.problem)
             metrics.SCHEDULE_ERRORS.labels(metrics.schedule_label(schedule.key)).inc()
-        ledger.set_problems({s.key: s.problem for s in schedules}, using=self.using)
-        ledger.record(
-            [
-                ledger.Intent(schedule=s.key, tick=now, status=Run.Status.ERROR, reason=s.problem)
-                for s in schedules
-            ],
-            last_ticks={},
+        ledger.flag(
+            {s.key: s.problem for s in schedules},
+            at=now,
             term=term,
             using=self.using,
             ttl=self.settings.lease_ttl,

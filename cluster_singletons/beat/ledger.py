@@ -22,8 +22,7 @@ The writes (their invariants), and whether each is fenced:
   leader republishes pending rows under the same task id either way.
 - ``fail``: not fenced. A row whose message cannot be built (the same code and row on any
   leader) leaves ``pending`` for ``error``; only ``pending`` rows change.
-- ``set_problems``: not fenced. It records why a schedule's own definition cannot run,
-  which any leader reading the same source computes alike; it decides nothing.
+- ``flag``: fenced on the beat's term: a schedule's problem and its ``error`` row.
 - ``report``: workers, not leaders; only moves a run forward (never reopens a finished one).
 - ``revive_skipped``, ``set_paused``, ``prune``: operators, not leaders; ``prune`` keeps
   rows still ``pending``.
@@ -39,7 +38,7 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.db import IntegrityError, connections, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
@@ -49,6 +48,9 @@ from django.db.models.functions import Now
 from cluster_singletons.cluster import fencing
 from cluster_singletons.cluster.fencing import Term
 from cluster_singletons.models import Run, ScheduleRecord
+
+if TYPE_CHECKING:
+    from cluster_singletons.beat.schedule import Schedule
 
 #: Task ids are uuid5(NAMESPACE, "<schedule>|<tick ISO>").
 NAMESPACE = uuid.UUID("5c3f4e1e-8f6b-4b7a-9a43-1b3c6a0d2e71")
@@ -75,6 +77,31 @@ class Intent:
     args: Sequence[Any] = ()
     kwargs: dict[str, Any] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def run_of(
+        cls,
+        schedule: Schedule,
+        tick: datetime,
+        *,
+        kind: str = Run.Kind.SCHEDULED,
+        reason: str = "",
+        first_tick: datetime | None = None,
+        ticks: int = 1,
+    ) -> Intent:
+        """A run of ``schedule`` for ``tick``: its task and message as the schedule says."""
+        return cls(
+            schedule=schedule.key,
+            tick=tick,
+            kind=kind,
+            first_tick=first_tick,
+            ticks=ticks,
+            reason=reason,
+            task=schedule.task,
+            args=schedule.args,
+            kwargs=dict(schedule.kwargs),
+            options=dict(schedule.options),
+        )
 
     def row(self, epoch: int | None) -> Run:
         return Run(schedule=self.schedule, tick=self.tick, **self.fields(epoch))
@@ -299,14 +326,21 @@ def open_runs(*, since: datetime, using: str) -> list[tuple[str, str, datetime]]
     return list(rows)
 
 
-def set_problems(problems: dict[str, str], *, using: str) -> None:
-    """Record why these schedules cannot run (key: problem), creating their records."""
-    ScheduleRecord.objects.using(using).bulk_create(
-        [ScheduleRecord(key=key, problem=problem) for key, problem in problems.items()],
-        update_conflicts=True,
-        unique_fields=["key"],
-        update_fields=["problem"],
-    )
+def flag(problems: dict[str, str], *, at: datetime, term: Term, using: str, ttl: float) -> None:
+    """Record why these schedules cannot run (key: problem) on their records and as an
+    ``error`` row at ``at`` each, in one transaction fenced on ``term``."""
+    intents = [
+        Intent(schedule=key, tick=at, status=Run.Status.ERROR, reason=problem)
+        for key, problem in problems.items()
+    ]
+    with fencing.fenced(term, using=using, ttl=ttl):
+        ScheduleRecord.objects.using(using).bulk_create(
+            [ScheduleRecord(key=key, problem=problem) for key, problem in problems.items()],
+            update_conflicts=True,
+            unique_fields=["key"],
+            update_fields=["problem"],
+        )
+        record(intents, last_ticks={}, term=None, using=using, ttl=ttl)
 
 
 def set_paused(key: str, note: str | None, *, using: str) -> None:

@@ -60,6 +60,28 @@ class Entry:
     buffered: Range | None = None
 
 
+def resume(
+    schedule: Schedule, previous: Entry | None, *, recorded: datetime | None, now: datetime
+) -> Entry:
+    """The cursor of ``schedule`` as loaded at ``now``, or as edited (``previous``: the
+    cursor before the edit).
+
+    - The chain continues from the ledger's last tick (``recorded``); a schedule new to
+      the ledger starts from its source's record of its last run, else from when it was
+      last edited, else from ``now``.
+    - An edit takes effect from ``now``: no tick before the edit is planned again, and the
+      open run it had is still awaited.
+    """
+    last = previous.last_tick if previous is not None else recorded
+    start = last or schedule.last_run_at or schedule.changed_at or now
+    entry = Entry(schedule=schedule, last_tick=last)
+    if previous is not None:
+        start = max(start, now)
+        entry.open_run, entry.open_since = previous.open_run, previous.open_since
+    entry.next_tick = entry.due = schedule.first_tick_after(start)
+    return entry
+
+
 def plan(entry: Entry, now: datetime, *, paused: bool, policy: Policy) -> list[ledger.Intent]:
     """The ledger rows for ``entry``'s ticks up to ``now``; advances its ticks and ``due``.
 
@@ -112,16 +134,12 @@ def plan(entry: Entry, now: datetime, *, paused: bool, policy: Policy) -> list[l
             return intents
     tick = now if schedule.from_previous else last
     intents.append(
-        ledger.Intent(
-            schedule=schedule.key,
-            tick=tick,
+        ledger.Intent.run_of(
+            schedule,
+            tick,
             first_tick=first if count > 1 else None,
             ticks=count,
             reason=f"coalesced {count} missed ticks" if count > 1 else "",
-            task=schedule.task,
-            args=schedule.args,
-            kwargs=dict(schedule.kwargs),
-            options=dict(schedule.options),
         )
     )
     entry.last_tick = tick

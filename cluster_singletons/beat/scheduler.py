@@ -15,8 +15,8 @@ from typing import Any
 from celery.beat import Scheduler
 
 from cluster_singletons.beat.engine import BeatEngine
-from cluster_singletons.cluster.coordinator import Runner
 from cluster_singletons.cluster.leadership import Leadership, LeaderWork
+from cluster_singletons.cluster.runner import Runner
 from cluster_singletons.singletons import driver, registry
 
 logger = logging.getLogger("cluster_singletons.beat")

@@ -1,19 +1,19 @@
-"""The runner: one process's membership in the cluster and its coordinator loop.
+"""The coordinator: one pass of a runner over the leases it stands for, as an I/O shell.
 
-A runner registers itself, keeps its registration alive, and for every lease it is
-given work for, either leads it (renewing the lease and running the work in a thread of
-its own) or stands by (trying to take it every ``acquire_interval``). Its hosts are the
-``runcluster`` command, the beat scheduler and the worker bootstep; they only start and
-stop it.
+``step(now)`` asks ``decisions`` what to do (give up terms, react to ended work, renew,
+poll, restart, prune) and does it against the stores: renewing every held lease in one
+statement, polling every due standing lease in one read, taking the ones found free,
+handing off a placed lease when this runner holds more than its share. The runner
+(``runner``) adds the process's lifecycle around it: registration, the loop's thread,
+shutdown.
 
 Leadership rules kept here:
 
-- A leader believes it leads only until ``renewed + ttl - margin`` by its own monotonic
-  clock, measured from *before* the renewal statement was sent, so it stops believing
-  before the database can hand the lease to someone else.
+- A leader believes it leads only until its belief window closes, measured from *before*
+  the renewal statement was sent, so it stops believing before the database can hand the
+  lease to someone else.
 - A renewal that fails to cover a term, a fenced write refused, or a lost liveness
   session ends the term at once.
-- Stopping releases every lease in one statement, so standbys take over immediately.
 """
 
 from __future__ import annotations
@@ -28,27 +28,28 @@ from django.db import DatabaseError, InterfaceError, connections
 
 from cluster_singletons import metrics
 from cluster_singletons.clock import Clock, SystemClock
-from cluster_singletons.cluster import leases, membership, placement
-from cluster_singletons.cluster.crash_detection import Liveness
+from cluster_singletons.cluster import decisions, leases, membership, placement
+from cluster_singletons.cluster.crash_detection import CrashDetection
 from cluster_singletons.cluster.fencing import Term
 from cluster_singletons.cluster.leadership import LeaderWork
 from cluster_singletons.cluster.placement import View
 from cluster_singletons.cluster.slot import Slot
 from cluster_singletons.conf import ClusterSettings, get_settings
-from cluster_singletons.errors import DatabaseUnavailable, describe
+from cluster_singletons.errors import describe
 from cluster_singletons.pacing import Backoff, belief_window
 
 logger = logging.getLogger("cluster_singletons.runner")
 
-_DB_ERRORS = (DatabaseError, InterfaceError)
+DATABASE_ERRORS = (DatabaseError, InterfaceError)
 _PRUNE_EVERY = 60.0
 #: Renewal intervals a runner leaves a lease it handed off alone for the target to take it;
 #: if the target never does (it stopped meanwhile), the lease is orphaned no longer than this.
 _HANDOFF_COOLDOWN = 1
 
 
-class Runner:
-    """Membership and leadership for one process; see the module docstring."""
+class Coordinator:
+    """The leases one process stands for and what it does about them; see the module
+    docstring. ``Runner`` is the class hosts use."""
 
     def __init__(
         self,
@@ -78,36 +79,17 @@ class Runner:
         self._wake = threading.Event()
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
-        self._liveness: Liveness | None = None
+        self._crash = CrashDetection(
+            wanted=self.settings.crash_detection == "auto"
+            and connections[self.using].vendor == "postgresql",
+            using=self.using,
+            on_release=self._on_release,
+        )
         self._db_backoff = Backoff.from_settings(self.settings)
         self._next_heartbeat = 0.0
         self._next_prune = 0.0
-        self._next_liveness = float("inf")
         #: Terms this runner stepped down from whose lease rows may still name it.
         self._unreleased: list[Term] = []
-
-    # -- hosting -----------------------------------------------------------------------
-
-    def start(self) -> None:
-        """Run the coordinator loop in a background thread."""
-        self._thread = threading.Thread(target=self.run, name="cluster-coordinator", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Ask for a graceful stop: end the work, release every lease, deregister."""
-        self._stopping.set()
-        self._wake.set()
-
-    def join(self, timeout: float | None = None) -> bool:
-        """Wait for the loop to end; return whether it has."""
-        assert self._thread is not None
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
-
-    def wait_ready(self, timeout: float | None = None) -> bool:
-        """Wait until registered (or failed to); return whether registered."""
-        self._ready.wait(timeout)
-        return self.runner_id is not None
 
     def wake(self) -> None:
         self._wake.set()
@@ -119,101 +101,50 @@ class Runner:
     def terms(self) -> Iterator[Term]:
         return (slot.term for slot in self._slots.values() if slot.term is not None)
 
-    # -- the loop ----------------------------------------------------------------------
-
-    def run(self) -> None:
-        """Register (retrying), coordinate until stopped, then hand off and deregister."""
-        try:
-            if not self.register():
-                return
-            while not self._stopping.is_set():
-                now = self.clock.monotonic()
-                next_at = self.step(now)
-                self._wake.clear()
-                if not self._stopping.is_set():
-                    self.clock.wait(self._wake, next_at - self.clock.monotonic())
-            self._shutdown()
-        except BaseException as exc:  # the loop must never die silently
-            self.error = exc
-            logger.exception("coordinator loop crashed; leadership is being abandoned")
-            self._abandon()
-        finally:
-            self._ready.set()
-            connections.close_all()
-
-    def register(self) -> bool:
-        """Register, retrying with capped backoff up to ``startup_timeout``; False if it gave up."""
-        start = self.clock.monotonic()
-        backoff = self._db_backoff
-        host = socket.gethostname()
-        while not self._stopping.is_set():
-            try:
-                self.runner_id = membership.register(
-                    host=host, pid=os.getpid(), kind=self.kind, using=self.using
-                )
-                leases.ensure(self._slots, using=self.using)
-                self._start_liveness()
-            except _DB_ERRORS as exc:
-                self.runner_id = None
-                waited = self.clock.monotonic() - start
-                if waited + backoff.delay > self.settings.startup_timeout:
-                    self.error = DatabaseUnavailable(waited, exc)
-                    logger.error("giving up: %s", self.error)
-                    return False
-                logger.warning(
-                    "database unreachable (%s); retrying in %.1fs (waited %.1fs of %.0fs)",
-                    describe(exc),
-                    backoff.delay,
-                    waited,
-                    self.settings.startup_timeout,
-                )
-                connections[self.using].close()
-                self.clock.wait(self._stopping, backoff.delay)
-                backoff = backoff.failed()
-                continue
-            logger.info(
-                "runner %s registered (%s:%s, %s); candidate for %s",
-                self.runner_id,
-                host,
-                os.getpid(),
-                self.kind,
-                ", ".join(sorted(self._slots)),
-            )
-            self._ready.set()
-            return True
-        return False
+    # -- one pass --------------------------------------------------------------------
 
     def step(self, now: float) -> float:
-        """One pass of the coordinator at monotonic time ``now``; returns when the next is due."""
+        """One pass of the coordinator at monotonic time ``now``: do what ``decisions``
+        decides; returns when the next pass is due."""
         assert self.runner_id is not None
-        if self._liveness is not None and self._liveness.lost.is_set():
+        if self._crash.lost:
             self._step_down_all("liveness session lost")
-            self._close_liveness()
+            self._crash.close(self.clock.monotonic())
         may_lead = self._ensure_liveness(now)
-        for slot in self._slots.values():
-            self._reap(slot, now)
-            if slot.term and now >= slot.believed_until:
-                self._step_down(slot, "lease not renewed in time")
-        if now >= self._next_heartbeat:
+        slots = self._slots
+        plan = decisions.decide(
+            self._states(), self._timers(), now, self.settings, may_lead=may_lead
+        )
+        for name, at in plan.restart_at.items():
+            slot = slots[name]
+            slot.crashes, slot.restart_at = slot.crashes + 1, at
+            logger.warning(
+                "restarting work for %r in %.1fs (crash %d)", name, at - now, slot.crashes
+            )
+        for name in plan.idle:
+            logger.info("work for %r returned; holding the lease idle until the term ends", name)
+            slots[name].stop_event.set()
+        for name, reason in plan.give_up:
+            self._step_down(slots[name], reason)
+        if plan.renew:
             self._heartbeat(now)
-        if self._unreleased and may_lead:
+        if plan.release and self._unreleased:
             self._release_stepped_down(now)
-        standing = [s for s in self._slots.values() if s.term is None and not s.alive]
-        if may_lead and any(now >= s.next_acquire for s in standing):
-            # One read serves every lease due now or within half an interval, so polls
-            # stay on one grid instead of drifting apart from their own late wake-ups.
-            horizon = now + self.settings.acquire_interval / 2
-            self._acquire_due([s for s in standing if s.next_acquire <= horizon], now)
-        for slot in self._slots.values():
-            if slot.term and slot.restart_at is not None and now >= slot.restart_at:
-                self._start_work(slot)
-        if now >= self._next_prune:
+        if plan.poll:
+            self._acquire_due([slots[name] for name in plan.poll], now)
+        for name in plan.restart:
+            if slots[name].term is not None:  # the renewal may have ended the term
+                self._start_work(slots[name])
+        if plan.prune:
             self._prune(now)
-        return min(
-            [self._next_heartbeat, self._next_prune, self._next_liveness]
-            + [s.believed_until for s in self._slots.values() if s.term]
-            + [s.next_acquire for s in self._slots.values() if s.term is None]
-            + [s.restart_at for s in self._slots.values() if s.restart_at is not None]
+        return decisions.next_wake(self._states(), self._timers())
+
+    def _states(self) -> list[decisions.SlotState]:
+        return [slot.state() for slot in self._slots.values()]
+
+    def _timers(self) -> decisions.Timers:
+        return decisions.Timers(
+            heartbeat=self._next_heartbeat, prune=self._next_prune, liveness=self._crash.retry
         )
 
     def _db(self, what: str) -> _DbAttempt:
@@ -228,19 +159,18 @@ class Runner:
                 self._reregister()
                 return
             kept = leases.renew(self.runner_id, held, ttl=self.settings.lease_ttl, using=self.using)
-            for slot in self._slots.values():
-                if slot.term is None:
-                    continue
-                if slot.name in kept:
-                    slot.believed_until = sent_at + self._belief_window
-                else:
-                    self._step_down(slot, "renewal found the lease expired, taken or handed off")
+            for name in decisions.lost_in_renewal((t.name for t in held), kept):
+                self._step_down(
+                    self._slots[name], "renewal found the lease expired, taken or handed off"
+                )
+            for name in kept:
+                self._slots[name].believed_until = sent_at + self._belief_window
             if self._placed.prefix is not None:
                 self._placed.view = View(
                     held=membership.live_view(
                         ttl=self.settings.lease_ttl,
                         lease_prefix=self._placed.prefix,
-                        crash_detection=self._liveness is not None,
+                        crash_detection=self._crash.active,
                         using=self.using,
                     )
                 )
@@ -262,7 +192,7 @@ class Runner:
                 [slot.name for slot in due],
                 runner_id=self.runner_id,
                 ttl=self.settings.lease_ttl,
-                crash_detection=self._liveness is not None,
+                crash_detection=self._crash.active,
                 using=self.using,
             )
         for slot in due:
@@ -282,7 +212,7 @@ class Runner:
                 self.runner_id,
                 ttl=self.settings.lease_ttl,
                 using=self.using,
-                crash_detection=self._liveness is not None,
+                crash_detection=self._crash.active,
             )
             slot.next_acquire = now + self._poll_interval(slot)
             if term is not None:
@@ -322,27 +252,6 @@ class Runner:
         slot.start_work(
             using=self.using, ttl=self.settings.lease_ttl, clock=self.clock, on_end=self._wake.set
         )
-
-    def _reap(self, slot: Slot, now: float) -> None:
-        """React to leader work that ended on its own while its term is current."""
-        if slot.term is None or slot.restart_at is not None or slot.alive:
-            return
-        if slot.thread is None or slot.stop_event.is_set():
-            return
-        if slot.outcome == "fenced-out":
-            self._step_down(slot, "a fenced write was refused")
-        elif slot.outcome == "failed":
-            slot.crashes += 1
-            delay = Backoff.from_settings(self.settings, failures=slot.crashes - 1).delay
-            slot.restart_at = now + delay
-            logger.warning(
-                "restarting work for %r in %.1fs (crash %d)", slot.name, delay, slot.crashes
-            )
-        elif slot.outcome == "returned":
-            logger.info(
-                "work for %r returned; holding the lease idle until the term ends", slot.name
-            )
-            slot.stop_event.set()
 
     def _step_down(self, slot: Slot, reason: str) -> None:
         if slot.term is None:
@@ -397,33 +306,13 @@ class Runner:
             self.settings.runner_forget_after,
         )
         self._step_down_all("registration deleted")
-        self._close_liveness()
+        self._crash.close(self.clock.monotonic())
         self.runner_id = membership.register(
             host=socket.gethostname(), pid=os.getpid(), kind=self.kind, using=self.using
         )
-        self._start_liveness()
+        self._crash.start(self.runner_id)
 
     # -- liveness (PostgreSQL) ---------------------------------------------------------
-
-    def _wants_liveness(self) -> bool:
-        return (
-            self.settings.crash_detection == "auto"
-            and connections[self.using].vendor == "postgresql"
-        )
-
-    def _start_liveness(self) -> None:
-        """Take the liveness lock and record that this runner holds one."""
-        if not self._wants_liveness():
-            return
-        assert self.runner_id is not None
-        liveness = Liveness(using=self.using, runner_id=self.runner_id, on_release=self._on_release)
-        liveness.start()
-        try:
-            membership.set_liveness_lock(self.runner_id, True, using=self.using)
-        except BaseException:
-            liveness.close()
-            raise
-        self._liveness = liveness
 
     def _ensure_liveness(self, now: float) -> bool:
         """Whether this runner may take leases: on PostgreSQL only while it holds its lock.
@@ -431,17 +320,15 @@ class Runner:
         Its registration says it holds one, so taking a lease without it would invite
         standbys to take the lease straight back.
         """
-        if self._liveness is not None or not self._wants_liveness():
-            return True
-        if now < self._next_liveness:
-            return False
-        with self._db("liveness") as attempt:
-            self._start_liveness()
-            self._next_liveness = float("inf")
-            logger.info("runner %s: liveness session restored", self.runner_id)
-        if attempt.failed:
-            self._next_liveness = now + attempt.delay
-        return self._liveness is not None
+        crash = self._crash
+        if crash.due(now):
+            assert self.runner_id is not None
+            with self._db("liveness") as attempt:
+                crash.start(self.runner_id)
+                logger.info("runner %s: liveness session restored", self.runner_id)
+            if attempt.failed:
+                crash.retry = now + attempt.delay
+        return crash.may_lead
 
     def _on_release(self) -> None:
         # A lease was released somewhere: standbys try at once instead of at their next poll
@@ -454,60 +341,11 @@ class Runner:
                 slot.next_acquire = min(slot.next_acquire, self.clock.monotonic())
         self._wake.set()
 
-    def _close_liveness(self) -> None:
-        if self._liveness is not None:
-            self._liveness.close()
-        self._liveness = None
-        self._next_liveness = self.clock.monotonic()
-
-    # -- stopping ----------------------------------------------------------------------
-
-    def _shutdown(self) -> None:
-        assert self.runner_id is not None
-        logger.info("runner %s stopping: ending leader work and releasing leases", self.runner_id)
-        for slot in self._slots.values():
-            slot.stop_event.set()
-        with self._db("mark stopping"):
-            membership.mark_stopping(self.runner_id, using=self.using)
-        deadline = self.clock.monotonic() + self.settings.shutdown_timeout
-        for slot in self._slots.values():
-            if slot.thread is not None:
-                slot.thread.join(max(0.0, deadline - self.clock.monotonic()))
-                if slot.thread.is_alive():
-                    logger.warning("work for %r did not stop in time; releasing anyway", slot.name)
-        try:
-            released = leases.release(self.runner_id, using=self.using)
-            for slot in self._slots.values():
-                if slot.term is not None:
-                    logger.info(
-                        "runner %s released %r (epoch %s)",
-                        self.runner_id,
-                        slot.name,
-                        slot.term.epoch,
-                    )
-                    slot.term = None
-            membership.deregister(self.runner_id, using=self.using)
-            logger.info("runner %s stopped; released %d lease(s)", self.runner_id, len(released))
-        except _DB_ERRORS as exc:
-            logger.error(
-                "runner %s could not release its leases (%s); they will expire",
-                self.runner_id,
-                describe(exc),
-            )
-        finally:
-            self._close_liveness()
-
-    def _abandon(self) -> None:
-        for slot in self._slots.values():
-            slot.stop_event.set()
-            slot.term = None
-        self._close_liveness()
-
 
 class _DbAttempt:
     """Context manager: a database error is logged in one line and paced by backoff."""
 
-    def __init__(self, runner: Runner, what: str) -> None:
+    def __init__(self, runner: Coordinator, what: str) -> None:
         self.runner, self.what = runner, what
         self.failed = False
         self.delay = 0.0
@@ -520,7 +358,7 @@ class _DbAttempt:
         if exc is None:
             runner._db_backoff = runner._db_backoff.reset()
             return False
-        if not isinstance(exc, _DB_ERRORS):
+        if not isinstance(exc, DATABASE_ERRORS):
             return False
         self.failed, self.delay = True, runner._db_backoff.delay
         logger.warning(

@@ -8,9 +8,9 @@ The same session LISTENs for lease releases so standbys act on a handoff at once
 Behind a transaction-pooling PgBouncer neither a session lock nor LISTEN means anything;
 set ``crash_detection='ttl'`` there and leases fall back to expiry.
 
-Statements: ``pg_advisory_lock``, ``LISTEN`` and ``SELECT 1`` on the liveness session,
-and ``runner_is_gone``, the SQL condition the lease and membership stores read. Nothing
-here writes a table, so nothing needs fencing.
+Statements: ``pg_advisory_lock``, ``LISTEN`` and ``SELECT 1`` on the liveness session
+(``membership.runner_is_gone`` is the condition the stores read off that lock). Nothing
+here writes a table but through ``membership``, so nothing needs fencing.
 """
 
 from __future__ import annotations
@@ -22,31 +22,15 @@ from typing import Any
 
 import psycopg
 from django.db import OperationalError, connections
-from django.db.models import BooleanField
-from django.db.models.expressions import RawSQL
 
+from cluster_singletons.cluster import membership
+from cluster_singletons.cluster.membership import LIVENESS_LOCK_NAMESPACE
 from cluster_singletons.errors import describe
 
 logger = logging.getLogger("cluster_singletons.runner")
 
-#: Advisory-lock namespace (first key of ``pg_advisory_lock(int, int)``): "CSRL".
-LIVENESS_LOCK_NAMESPACE = 0x4353524C & 0x7FFFFFFF
 #: PostgreSQL channel on which releases are announced, so standbys act at once.
 RELEASE_CHANNEL = "cluster_singletons_release"
-
-
-def runner_is_gone(runner: str) -> RawSQL:
-    """PostgreSQL: true when runner row alias ``runner`` registered a liveness lock that no
-    session holds any more, i.e. its process or connection died."""
-    return RawSQL(
-        f"""({runner}.liveness_lock AND NOT EXISTS (
-                SELECT 1 FROM pg_locks l
-                WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
-                  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-                  AND l.classid = %s::oid AND l.objid = {runner}.id::oid))""",
-        (LIVENESS_LOCK_NAMESPACE,),
-        output_field=BooleanField(),
-    )
 
 
 class Liveness:
@@ -110,3 +94,54 @@ class Liveness:
             self._thread.join(timeout=2.0)
         if self._conn is not None:
             self._conn.close()
+
+
+class CrashDetection:
+    """One runner's crash detection: its liveness session while it is wanted (PostgreSQL
+    with ``crash_detection='auto'``), and when to try again after the session was lost."""
+
+    def __init__(self, *, wanted: bool, using: str, on_release: Callable[[], None]) -> None:
+        self.wanted = wanted
+        self._using = using
+        self._on_release = on_release
+        self._session: Liveness | None = None
+        #: When to open a lost session again (monotonic; infinity: not needed).
+        self.retry = float("inf")
+
+    @property
+    def active(self) -> bool:
+        """Whether leases may be taken from holders whose liveness lock is gone."""
+        return self._session is not None
+
+    @property
+    def lost(self) -> bool:
+        return self._session is not None and self._session.lost.is_set()
+
+    @property
+    def may_lead(self) -> bool:
+        """Not wanted, or the session is up."""
+        return not self.wanted or self._session is not None
+
+    def due(self, now: float) -> bool:
+        return self.wanted and self._session is None and now >= self.retry
+
+    def start(self, runner_id: int) -> None:
+        """Open the session, take the lock, and record in the registration that this runner
+        holds one (nothing if not wanted). Database errors propagate; nothing is left open."""
+        if not self.wanted:
+            return
+        session = Liveness(using=self._using, runner_id=runner_id, on_release=self._on_release)
+        session.start()
+        try:
+            membership.set_liveness_lock(runner_id, True, using=self._using)
+        except BaseException:
+            session.close()
+            raise
+        self._session, self.retry = session, float("inf")
+
+    def close(self, now: float) -> None:
+        """Close the session (if any); try to open one again from ``now``."""
+        if self._session is not None:
+            self._session.close()
+        self._session = None
+        self.retry = now

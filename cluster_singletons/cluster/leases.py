@@ -40,8 +40,9 @@ from django.db.models import (
 from django.db.models.expressions import CombinedExpression, RawSQL
 from django.db.models.functions import Now
 
-from cluster_singletons.cluster.crash_detection import RELEASE_CHANNEL, runner_is_gone
+from cluster_singletons.cluster.crash_detection import RELEASE_CHANNEL
 from cluster_singletons.cluster.fencing import Term, bounded
+from cluster_singletons.cluster.membership import runner_is_gone
 from cluster_singletons.conf import get_settings
 from cluster_singletons.models import Lease, Runner
 

@@ -18,11 +18,28 @@ from __future__ import annotations
 import datetime as dt
 from datetime import datetime
 
-from django.db.models import Count, Q
+from django.db.models import BooleanField, Count, Q
+from django.db.models.expressions import RawSQL
 from django.db.models.functions import Now
 
-from cluster_singletons.cluster.crash_detection import runner_is_gone
 from cluster_singletons.models import Runner
+
+#: Advisory-lock namespace (first key of ``pg_advisory_lock(int, int)``): "CSRL".
+LIVENESS_LOCK_NAMESPACE = 0x4353524C & 0x7FFFFFFF
+
+
+def runner_is_gone(runner: str) -> RawSQL:
+    """PostgreSQL: true when runner row alias ``runner`` registered a liveness lock that no
+    session holds any more, i.e. its process or connection died."""
+    return RawSQL(
+        f"""({runner}.liveness_lock AND NOT EXISTS (
+                SELECT 1 FROM pg_locks l
+                WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+                  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                  AND l.classid = %s::oid AND l.objid = {runner}.id::oid))""",
+        (LIVENESS_LOCK_NAMESPACE,),
+        output_field=BooleanField(),
+    )
 
 
 def register(*, host: str, pid: int, kind: str, using: str) -> int:

@@ -16,6 +16,7 @@ from typing import Literal
 from django.db import connections
 
 from cluster_singletons.clock import Clock
+from cluster_singletons.cluster.decisions import Ended, SlotState
 from cluster_singletons.cluster.fencing import Term
 from cluster_singletons.cluster.leadership import Leadership, LeaderWork
 from cluster_singletons.errors import LeadershipLost
@@ -45,6 +46,29 @@ class Slot:
     @property
     def alive(self) -> bool:
         return self.thread is not None and self.thread.is_alive()
+
+    def state(self) -> SlotState:
+        """This slot as the coordinator's decisions see it."""
+        ended: Ended | None = None
+        if (
+            self.term is not None
+            and self.restart_at is None
+            and self.thread is not None
+            and not self.alive
+            and not self.stop_event.is_set()
+            and self.outcome != "running"
+        ):
+            ended = self.outcome
+        return SlotState(
+            name=self.name,
+            leading=self.term is not None,
+            believed_until=self.believed_until,
+            next_acquire=self.next_acquire,
+            restart_at=self.restart_at,
+            working=self.alive,
+            ended=ended,
+            crashes=self.crashes,
+        )
 
     def start_work(
         self, *, using: str, ttl: float, clock: Clock, on_end: Callable[[], None]

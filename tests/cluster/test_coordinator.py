@@ -11,8 +11,8 @@ from django.db.models.functions import Now
 
 from cluster_singletons.clock import FrozenClock
 from cluster_singletons.cluster import leases
-from cluster_singletons.cluster.coordinator import Runner
 from cluster_singletons.cluster.leadership import Leadership, idle
+from cluster_singletons.cluster.runner import Runner
 from cluster_singletons.conf import ClusterSettings
 from cluster_singletons.models import Lease
 from cluster_singletons.models import Runner as RunnerRow

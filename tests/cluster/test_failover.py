@@ -192,7 +192,7 @@ def test_postgres_leader_that_loses_its_session_steps_down_and_a_standby_takes_o
 ) -> None:
     """The database drops the leader's liveness session: it stops leading at once and frees
     its lease rows, so nobody waits for their expiry."""
-    from cluster_singletons.cluster.crash_detection import LIVENESS_LOCK_NAMESPACE
+    from cluster_singletons.cluster.membership import LIVENESS_LOCK_NAMESPACE
 
     cluster = cluster_factory(LONG)
     cluster.start(2)

@@ -8,7 +8,7 @@ import pytest
 from django.db import connection
 from django.db.models.functions import Now
 
-from cluster_singletons.cluster import crash_detection, fencing, leases, membership
+from cluster_singletons.cluster import fencing, leases, membership
 from cluster_singletons.errors import LeadershipLost
 from cluster_singletons.models import Lease
 from project.demo.models import FencedWrite
@@ -166,7 +166,7 @@ def test_postgres_takes_lease_of_a_holder_whose_session_died(lease: str) -> None
     params = connection.get_connection_params()
     session = psycopg.connect(**params, autocommit=True)
     session.execute(
-        "SELECT pg_advisory_lock(%s, %s)", [crash_detection.LIVENESS_LOCK_NAMESPACE, dead]
+        "SELECT pg_advisory_lock(%s, %s)", [membership.LIVENESS_LOCK_NAMESPACE, dead]
     )
     membership.set_liveness_lock(dead, True, using=USING)
     assert leases.acquire(lease, dead, ttl=TTL, using=USING)

@@ -12,8 +12,8 @@ from celery import current_app
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from cluster_singletons.beat.scheduler import cluster_work
-from cluster_singletons.cluster.coordinator import Runner
 from cluster_singletons.cluster.leadership import LeaderWork
+from cluster_singletons.cluster.runner import Runner
 from cluster_singletons.singletons import registry
 
 
