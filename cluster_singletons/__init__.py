@@ -41,44 +41,6 @@ if TYPE_CHECKING:
     from cluster_singletons.singletons.state import StateStore, state_store
     from cluster_singletons.snowflake import Snowflake, generate_id, generate_ids
 
-__all__ = [
-    "Clock",
-    "ClockMovedBackwards",
-    "ClusterContextRequired",
-    "ClusterSettings",
-    "ClusterSingletonsError",
-    "DatabaseUnavailable",
-    "DeliveryNotCancellable",
-    "FrozenClock",
-    "InvalidSnowflake",
-    "LeaderWork",
-    "Leadership",
-    "LeadershipLost",
-    "MachineIdUnavailable",
-    "MachineIdsExhausted",
-    "Runner",
-    "ScheduleInvalid",
-    "SingletonConfigError",
-    "SingletonContext",
-    "SingletonError",
-    "Snowflake",
-    "SnowflakeField",
-    "SnowflakeTimeOutOfRange",
-    "StateConflict",
-    "StateStore",
-    "SystemClock",
-    "Term",
-    "UnknownSchedule",
-    "UnknownSingleton",
-    "cron",
-    "deliver_at",
-    "deliver_in",
-    "generate_id",
-    "generate_ids",
-    "get_settings",
-    "singleton",
-    "state_store",
-]
 
 _WHERE = {
     "Clock": "clock",
@@ -114,10 +76,13 @@ _WHERE = {
     "ScheduleInvalid": "errors",
     "UnknownSchedule": "errors",
     "DeliveryNotCancellable": "errors",
-    "cron": "beat.sources",
+    "cron": "beat.crons",
     "deliver_at": "beat.deliveries",
     "deliver_in": "beat.deliveries",
 }
+
+#: The public API: every name of the lazy-import table.
+__all__ = sorted(_WHERE)
 
 
 def __getattr__(name: str) -> Any:
