@@ -166,3 +166,23 @@ def test_every_subpackage_says_what_it_holds_and_may_import() -> None:
 def test_no_two_modules_differ_only_by_a_plural() -> None:
     stems = {p.stem for p in PACKAGE.rglob("*.py") if "migrations" not in p.parts}
     assert {s for s in stems if s + "s" in stems} == set()
+
+
+def test_the_readme_layout_names_every_module_where_it_is() -> None:
+    readme = (PACKAGE.parent / "README.md").read_text()
+    rows = {
+        cells[1].strip().strip("`/"): cells[2]
+        for line in readme.splitlines()
+        if line.strip().startswith("| ") and len(cells := line.split("|")) == 4
+    }
+    for folder in ("cluster", "beat", "singletons", "snowflake", "health"):
+        modules = {p.stem for p in (PACKAGE / folder).glob("*.py") if p.stem != "__init__"}
+        missing = {m for m in modules if f"`{m}`" not in rows.get(folder, "")}
+        assert missing == set(), f"README's layout table misses {folder}/{sorted(missing)}"
+    top = {p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
+    assert {m for m in top if f"`{m}`" not in rows.get("top", "")} == set()
+    folders = {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
+    assert folders - {"cluster", "beat", "singletons", "snowflake", "health"} == {
+        "management",
+        "migrations",
+    }
