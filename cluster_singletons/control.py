@@ -15,6 +15,7 @@ from typing import Any
 from celery import current_app
 from pydantic import BaseModel
 
+from cluster_singletons import names
 from cluster_singletons.beat import ledger
 from cluster_singletons.beat.schedule import Schedule
 from cluster_singletons.beat.sources import load_all
@@ -174,6 +175,7 @@ def import_state(name: str, text: str, note: str = "") -> BaseModel:
 
 def handoff(name: str) -> bool:
     """Ask the leader of ``name`` (a singleton, or ``beat``) to hand off; False if none leads."""
-    lease = name if name == "beat" else registry.get(name).lease
+    lease = name if name == names.BEAT else registry.get(name).lease
     settings = get_settings()
-    return leases.request_handoff(settings.key_prefix + lease, using=settings.database)
+    stored = names.prefixed(lease, settings.key_prefix)
+    return leases.request_handoff(stored, using=settings.database)

@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 from django.contrib.admin.models import LogEntry
+from django.contrib.admin.utils import quote
 from django.contrib.auth.models import Permission, User
-from django.test import Client
+from django.test import Client, override_settings
 
 from cluster_singletons.cluster import leases, membership
 from cluster_singletons.models import (
@@ -151,3 +152,15 @@ def test_run_now_cancel_and_lease_hand_off_actions_need_their_permissions(
     _client("view_lease", "change_lease").post("/admin/cluster_singletons/lease/", hand_off)
     assert Lease.objects.get(name="singleton:progress").handoff_requested
     assert LogEntry.objects.count() == 3
+
+
+def test_state_edits_find_their_singleton_under_a_key_prefix() -> None:
+    with override_settings(CLUSTER_SINGLETONS={"key_prefix": "app1:"}):
+        store = StateStore("singleton:progress", Progress)
+        store.load()
+        store.save(Progress(cursor=3))
+        assert store.key == "app1:singleton:progress"
+        url = f"/admin/cluster_singletons/staterecord/{quote(store.key)}/change/"
+        editor = _client("view_staterecord", "change_staterecord")
+        assert editor.post(url, {"value": '{"cursor": 4}'}).status_code == 302
+        assert json.loads(StateRecord.objects.get(key=store.key).value) == {"cursor": 4}

@@ -14,6 +14,7 @@ from typing import Any
 
 from celery.beat import Scheduler
 
+from cluster_singletons import names
 from cluster_singletons.beat.engine import BeatEngine
 from cluster_singletons.cluster.leadership import Leadership, LeaderWork
 from cluster_singletons.cluster.runner import Runner
@@ -21,7 +22,6 @@ from cluster_singletons.singletons import driver, registry
 
 logger = logging.getLogger("cluster_singletons.beat")
 
-BEAT_LEASE = "beat"
 #: How often Celery's beat loop looks at the runner (the runner does the scheduling).
 _TICK = 1.0
 _RUNNER_KIND = "beat"
@@ -38,7 +38,7 @@ def beat_work(app: Any) -> LeaderWork:
 
 def cluster_work(app: Any) -> dict[str, LeaderWork]:
     """Everything a full node stands for: the beat and every registered singleton."""
-    return {BEAT_LEASE: beat_work(app), **driver.work()}
+    return {names.BEAT: beat_work(app), **driver.work()}
 
 
 def start_runner(app: Any, kind: str) -> Runner:
