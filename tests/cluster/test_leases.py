@@ -9,9 +9,7 @@ from django.db import connection
 from django.db.models.functions import Now
 
 from cluster_singletons.cluster import fencing, leases, membership
-from cluster_singletons.errors import LeadershipLost
 from cluster_singletons.models import Lease
-from project.demo.models import FencedWrite
 
 pytestmark = [pytest.mark.db, pytest.mark.django_db(transaction=True)]
 
@@ -26,12 +24,6 @@ def _runner() -> int:
 def _expire(name: str) -> None:
     """Move the lease's expiry into the past, as if its TTL had run out."""
     Lease.objects.filter(name=name).update(expires_at=Now() - dt.timedelta(seconds=1))
-
-
-@pytest.fixture
-def lease() -> str:
-    leases.ensure(["beat"], using=USING)
-    return "beat"
 
 
 def test_ensure_creates_a_free_lease_and_keeps_an_existing_one(lease: str) -> None:
@@ -121,42 +113,6 @@ def test_renew_covers_several_leases_in_one_call() -> None:
     assert leases.renew(me, [t for t in terms if t], ttl=TTL, using=USING) == {"a", "c"}
 
 
-def test_fenced_write_commits_within_the_term(lease: str) -> None:
-    me = _runner()
-    term = leases.acquire(lease, me, ttl=TTL, using=USING)
-    assert term is not None
-    with fencing.fenced(term, using=USING, ttl=TTL):
-        FencedWrite.objects.create(lease=lease, runner_id=me, epoch=term.epoch)
-    assert FencedWrite.objects.filter(epoch=term.epoch).count() == 1
-
-
-@pytest.mark.parametrize("how", ["expired", "taken", "released"])
-def test_fenced_write_of_a_past_term_is_refused_and_writes_nothing(lease: str, how: str) -> None:
-    me, other = _runner(), _runner()
-    term = leases.acquire(lease, me, ttl=TTL, using=USING)
-    assert term is not None
-    if how in {"expired", "taken"}:
-        _expire(lease)
-    if how == "taken":
-        assert leases.acquire(lease, other, ttl=TTL, using=USING)
-    if how == "released":
-        leases.release(me, using=USING)
-    with pytest.raises(LeadershipLost) as caught, fencing.fenced(term, using=USING, ttl=TTL):
-        FencedWrite.objects.create(lease=lease, runner_id=me, epoch=term.epoch)
-    assert caught.value.epoch == term.epoch
-    assert not FencedWrite.objects.exists()
-
-
-def test_failing_body_rolls_back_the_fenced_transaction(lease: str) -> None:
-    me = _runner()
-    term = leases.acquire(lease, me, ttl=TTL, using=USING)
-    assert term is not None
-    with pytest.raises(RuntimeError), fencing.fenced(term, using=USING, ttl=TTL):
-        FencedWrite.objects.create(lease=lease, runner_id=me, epoch=term.epoch)
-        raise RuntimeError("boom")
-    assert not FencedWrite.objects.exists()
-
-
 @pytest.mark.postgres
 def test_postgres_takes_lease_of_a_holder_whose_session_died(lease: str) -> None:
     """Crash detection: the holder's liveness lock vanished, so its lease is taken early."""
@@ -165,9 +121,7 @@ def test_postgres_takes_lease_of_a_holder_whose_session_died(lease: str) -> None
     dead, standby = _runner(), _runner()
     params = connection.get_connection_params()
     session = psycopg.connect(**params, autocommit=True)
-    session.execute(
-        "SELECT pg_advisory_lock(%s, %s)", [membership.LIVENESS_LOCK_NAMESPACE, dead]
-    )
+    session.execute("SELECT pg_advisory_lock(%s, %s)", [membership.LIVENESS_LOCK_NAMESPACE, dead])
     membership.set_liveness_lock(dead, True, using=USING)
     assert leases.acquire(lease, dead, ttl=TTL, using=USING)
     assert leases.acquire(lease, standby, ttl=TTL, using=USING, crash_detection=True) is None

@@ -1,0 +1,61 @@
+"""The runner registry against the real database."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from django.db.models.functions import Now
+
+from cluster_singletons.cluster import leases, membership
+from cluster_singletons.models import Runner
+
+pytestmark = [pytest.mark.db, pytest.mark.django_db(transaction=True)]
+
+USING = "default"
+
+
+def _register(host: str = "node") -> int:
+    return membership.register(host=host, pid=1, kind="runcluster", using=USING)
+
+
+def _age(runner_id: int, seconds: float) -> None:
+    Runner.objects.filter(pk=runner_id).update(last_seen=Now() - dt.timedelta(seconds=seconds))
+
+
+def test_registrations_get_ids_never_reused_and_a_touch_needs_the_row() -> None:
+    first = _register()
+    membership.deregister(first, using=USING)
+    second = _register()
+    assert second > first
+    assert membership.touch(second, using=USING)
+    assert not membership.touch(first, using=USING), "a deleted registration is not revived"
+
+
+def test_only_registrations_not_seen_for_long_are_forgotten() -> None:
+    old, fresh = _register("old"), _register("fresh")
+    _age(old, 7200)
+    assert membership.forget_stale(older_than=3600, using=USING) == 1
+    assert [r.id for r in membership.rows(using=USING)] == [fresh]
+
+
+def test_the_live_view_counts_the_placed_leases_each_live_runner_holds() -> None:
+    a, b, stopping, stale = (_register(h) for h in ("a", "b", "stopping", "stale"))
+    membership.mark_stopping(stopping, using=USING)
+    _age(stale, 60)
+    leases.ensure(["singleton:x", "singleton:y", "beat"], using=USING)
+    leases.acquire("singleton:x", a, ttl=30, using=USING)
+    leases.acquire("singleton:y", a, ttl=30, using=USING)
+    leases.acquire("beat", b, ttl=30, using=USING)
+    view = membership.live_view(
+        ttl=30, lease_prefix="singleton:", crash_detection=False, using=USING
+    )
+    assert view == {a: 2, b: 0}
+
+
+def test_counts_split_live_runners_from_those_stopping() -> None:
+    a, stopping, stale = _register("a"), _register("stopping"), _register("stale")
+    membership.mark_stopping(stopping, using=USING)
+    _age(stale, 60)
+    now = Runner.objects.get(pk=a).last_seen
+    assert membership.counts(seen_within=30, now=now, using=USING) == (2, 1)
