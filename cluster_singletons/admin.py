@@ -10,6 +10,7 @@ them.
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +25,7 @@ from pydantic import ValidationError as ModelInvalid
 
 from cluster_singletons import control, names
 from cluster_singletons.beat import crons
+from cluster_singletons.beat.schedule import Schedule
 from cluster_singletons.beat.timetables import preview
 from cluster_singletons.cluster import leases, membership
 from cluster_singletons.conf import get_settings
@@ -39,6 +41,8 @@ from cluster_singletons.models import (
     StateHistory,
     StateRecord,
 )
+
+logger = logging.getLogger("cluster_singletons.admin")
 
 if TYPE_CHECKING:  # generic in the stubs only
     ModelAdmin = admin.ModelAdmin[Any]
@@ -94,6 +98,18 @@ def _hand_off(
         return
     model_admin.log_change(request, lease, f"Requested a handoff from runner {lease.holder_id}")
     model_admin.message_user(request, f"handoff of {name} requested")
+
+
+def _next_runs(cron: Schedule | None, now: datetime) -> list[datetime]:
+    """The next three runs of a ``@cron`` function, for the dashboard (none if they cannot
+    be computed: its health item says why)."""
+    if cron is None or cron.timetable is None:
+        return []
+    try:
+        return preview(cron.timetable, 3, after=now)
+    except Exception:
+        logger.exception("the next runs of %s cannot be computed", cron.key)
+        return []
 
 
 def _singleton_of(state_key: str) -> str:
@@ -268,8 +284,7 @@ class DashboardAdmin(ReadOnly):
         rows = []
         for item in report.items:
             cron = schedules.get(item.name)
-            upcoming = preview(cron.timetable, 3, after=now) if cron and cron.timetable else []
-            rows.append({"item": item, "next_runs": upcoming})
+            rows.append({"item": item, "next_runs": _next_runs(cron, now)})
         by_holder: dict[int, list[str]] = {}
         for lease in held.values():
             if lease.holder_id is not None:

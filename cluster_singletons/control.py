@@ -16,7 +16,7 @@ from celery import current_app
 from pydantic import BaseModel
 
 from cluster_singletons import names
-from cluster_singletons.beat import ledger
+from cluster_singletons.beat import ledger, schedule_records
 from cluster_singletons.beat.schedule import Schedule
 from cluster_singletons.beat.sources import load_all
 from cluster_singletons.beat.timetables import Cron, Timetable, preview, zone
@@ -84,7 +84,7 @@ def resume(name: str) -> None:
 
 def set_paused(key: str, note: str | None) -> None:
     """Pause schedule ``key`` with ``note`` saying why, or resume it (``None``)."""
-    ledger.set_paused(key, note, using=get_settings().database)
+    schedule_records.set_paused(key, note, using=get_settings().database)
 
 
 def backfill(name: str, start: datetime, end: datetime) -> tuple[int, int]:

@@ -6,10 +6,25 @@ Timestamps that decide distributed questions are written by the database's clock
 
 from __future__ import annotations
 
+import math
+
+from django.core.exceptions import ValidationError
 from django.db import models
 from django.db.models.functions import Now
 
 from cluster_singletons.names import OVERLAP_CHOICES
+
+#: The longest catch-up horizon an operator may set on a schedule: ten years.
+MAX_CATCH_UP = 10 * 365 * 86400
+
+
+def validate_catch_up(value: float | None) -> None:
+    """A catch-up horizon is a finite number of seconds from 0 to ``MAX_CATCH_UP``."""
+    if value is not None and not (math.isfinite(value) and 0 <= value <= MAX_CATCH_UP):
+        raise ValidationError(
+            f"{value!r} is not a catch-up horizon: give seconds from 0 to {MAX_CATCH_UP:,} "
+            "(ten years), or leave it empty"
+        )
 
 
 class Runner(models.Model):
@@ -230,14 +245,17 @@ class ScheduleRecord(models.Model):
     paused = models.BooleanField(default=False)
     pause_note = models.TextField(blank=True, default="")
     skip_if_older_than = models.FloatField(
-        null=True, blank=True, help_text="Seconds; empty: the setting's default."
+        null=True,
+        blank=True,
+        validators=[validate_catch_up],
+        help_text="Seconds (0 to ten years); empty: the schedule's own option or the setting.",
     )
     overlap = models.CharField(
         max_length=16,
         blank=True,
         default="",
         choices=OVERLAP_CHOICES,
-        help_text="Empty: the setting's default.",
+        help_text="Empty: the schedule's own option or the setting.",
     )
     problem = models.TextField(blank=True, default="", help_text="Why it cannot be scheduled.")
     updated_at = models.DateTimeField(db_default=Now())

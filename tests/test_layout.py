@@ -21,6 +21,7 @@ STORES = {
     "cluster/crash_detection.py",
     "cluster/heartbeats.py",
     "beat/ledger.py",
+    "beat/schedule_records.py",
     "beat/deliveries.py",
     "beat/periodic_tasks.py",
     "singletons/state.py",

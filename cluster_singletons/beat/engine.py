@@ -25,8 +25,8 @@ which runs in its own thread.
 from __future__ import annotations
 
 import gc
-import heapq
 import logging
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -34,7 +34,16 @@ from django.apps import apps
 from django.db import connections
 
 from cluster_singletons import metrics, names
-from cluster_singletons.beat import deliveries, ledger, outbox, periodic_tasks, planning, refresh
+from cluster_singletons.beat import (
+    deliveries,
+    ledger,
+    outbox,
+    periodic_tasks,
+    planning,
+    refresh,
+    schedule_records,
+)
+from cluster_singletons.beat.catalog import Catalog
 from cluster_singletons.beat.planning import Entry
 from cluster_singletons.beat.schedule import Schedule
 from cluster_singletons.clock import Clock, SystemClock
@@ -42,6 +51,7 @@ from cluster_singletons.cluster import heartbeats
 from cluster_singletons.cluster.fencing import Term
 from cluster_singletons.cluster.leadership import Leadership
 from cluster_singletons.conf import ClusterSettings, get_settings
+from cluster_singletons.errors import describe
 from cluster_singletons.models import Run
 
 logger = logging.getLogger("cluster_singletons.beat")
@@ -57,8 +67,9 @@ _HEARTBEAT_EVERY = 1.0
 #: How often the leading beat takes what the refresh thread saw.
 _TAKE_EVERY = 0.25
 _NEVER = datetime.max.replace(tzinfo=UTC)
-#: (due, sequence, schedule key)
-_Due = tuple[datetime, int, str]
+#: A watcher that has not completed a look for this many refresh intervals turns the
+#: beat's health red.
+_WATCHER_STALE = 3
 
 
 class BeatEngine:
@@ -75,18 +86,11 @@ class BeatEngine:
         self.settings = settings or get_settings()
         self.clock: Clock = clock or SystemClock()
         self.using = self.settings.database
-        self._entries: dict[str, Entry] = {}
-        self._schedules: dict[str, Schedule] = {}
-        #: In-runner ``@cron`` functions by schedule key.
-        self._functions: dict[str, outbox.Function] = {}
+        self.catalog = Catalog()
         self._policy = planning.Policy(
             skip_if_older_than=self.settings.skip_if_older_than, overlap=self.settings.overlap
         )
         self._lookahead = timedelta(seconds=self.settings.beat_lookahead)
-        self._heap: list[_Due] = []
-        #: Schedules planned only when due: their previous run is still open.
-        self._waiting: list[_Due] = []
-        self._seq = 0
         self._paused: frozenset[str] = frozenset()
         self._signature: object = None
         self._watcher: refresh.Watcher | None = None
@@ -95,6 +99,7 @@ class BeatEngine:
         )
         self._upcoming: dict[int, datetime] = {}
         self._next_heartbeat = self.clock.now()
+        self._digested = connections[self.using].vendor == "postgresql"
         self._outbox = outbox.Outbox(
             app, using=self.using, clock=self.clock, after_publish=self._after_publish
         )
@@ -109,7 +114,12 @@ class BeatEngine:
         gc.collect()
         gc.freeze()
         self._watcher = refresh.Watcher(
-            self._look, interval=self.settings.beat_refresh_interval, using=self.using
+            self._look,
+            interval=self.settings.beat_refresh_interval,
+            using=self.using,
+            # Off PostgreSQL the signature misses bulk update()s: reread everything too.
+            full_every=None if self._digested else _FULL_REFRESH,
+            backoff_max=self.settings.retry_backoff_max,
         )
         self._watcher.start()
         try:
@@ -128,11 +138,9 @@ class BeatEngine:
 
     def start(self, leadership: Leadership) -> None:
         now = self.clock.now()
-        self._entries.clear()
-        self._heap.clear()
-        self._waiting.clear()
+        self.catalog.clear()
         self._outbox.clear()
-        self._apply(self._look(full=True), now, leadership.term)
+        self._apply(self._look(full=True), now, leadership.term, first=True)
         self._open_runs(now)
         # Take over what a previous leader recorded and did not publish, including ticks
         # it recorded ahead: those go out when due.
@@ -140,8 +148,8 @@ class BeatEngine:
         logger.info(
             "beat leader (epoch %s): %d schedules, next due %s",
             leadership.term.epoch,
-            len(self._entries),
-            self._heap[0][0].isoformat() if self._heap else "never",
+            len(self.catalog),
+            due.isoformat() if (due := self.catalog.next_due) else "never",
         )
 
     # -- one pass ----------------------------------------------------------------------
@@ -152,7 +160,8 @@ class BeatEngine:
         self._publish_due(now, leadership)
         if now >= self._next_refresh:
             self._refresh(now, leadership.term)
-        due = self._pop_due(now)
+        horizon = now + self._lookahead
+        due = self.catalog.pop_due(now, horizon, limit=_MAX_BATCH, ahead_limit=_AHEAD_PER_PASS)
         if due:
             self._dispatch_due(due, now, leadership)
         if now >= self._next_pending:
@@ -162,10 +171,10 @@ class BeatEngine:
         if now >= self._next_heartbeat:
             self._heartbeat(now, leadership.term)
         wake = [self._next_refresh, self._next_pending, self._next_delivery, self._next_upcoming]
-        if self._heap:
-            wake.append(self._heap[0][0] - self._lookahead)
-        if self._waiting:
-            wake.append(self._waiting[0][0])
+        if (first := self.catalog.next_due) is not None:
+            wake.append(first - self._lookahead)
+        if (waiting := self.catalog.next_waiting) is not None:
+            wake.append(waiting)
         if self._outbox.next_at is not None:
             wake.append(self._outbox.next_at)
         return min(wake)
@@ -176,40 +185,20 @@ class BeatEngine:
         return min(self._upcoming.values(), default=_NEVER)
 
     def _heartbeat(self, now: datetime, term: Term) -> None:
-        """The beat's own freshness: a leader whose loop hangs stops writing this."""
+        """The beat's own freshness: a leader whose loop hangs stops writing this, and one
+        whose watcher cannot look for edits writes why (the beat's health turns red)."""
         self._next_heartbeat = now + timedelta(seconds=_HEARTBEAT_EVERY)
+        interval = self.settings.beat_refresh_interval
+        watcher = self._watcher
+        problem = watcher.problem(stale_after=_WATCHER_STALE * interval) if watcher else None
         heartbeats.record(
             names.BEAT,
             runner_id=term.runner_id,
             epoch=term.epoch,
-            interval=self.settings.beat_refresh_interval,
+            interval=interval,
+            error=problem,
             using=self.using,
         )
-
-    def _pop_due(self, now: datetime) -> list[Entry]:
-        """The schedules due by ``now`` and, at most ``_AHEAD_PER_PASS`` of them, by
-        ``now + beat_lookahead``; waiting ones only once due."""
-        due: list[Entry] = []
-        horizon, ahead = now + self._lookahead, 0
-        for heap, until in ((self._waiting, now), (self._heap, horizon)):
-            while heap and heap[0][0] <= until and len(due) < _MAX_BATCH:
-                at = heap[0][0]
-                if at > now:
-                    if ahead >= _AHEAD_PER_PASS:
-                        break
-                    ahead += 1
-                _, _, key = heapq.heappop(heap)
-                entry = self._entries.get(key)
-                if entry is not None and entry.due == at:
-                    due.append(entry)
-        return due
-
-    def _push(self, entry: Entry, heap: list[_Due] | None = None) -> None:
-        if entry.due is not None:
-            self._seq += 1
-            heapq.heappush(
-                self._heap if heap is None else heap, (entry.due, self._seq, entry.schedule.key)
-            )
 
     # -- planning ----------------------------------------------------------------------
 
@@ -219,6 +208,7 @@ class BeatEngine:
         intents: list[ledger.Intent] = []
         last_ticks: dict[str, datetime] = {}
         planned: list[Entry] = []
+        broken: list[Schedule] = []
         for entry in due:
             if entry.open_run is not None and (
                 entry.open_run in done
@@ -227,11 +217,17 @@ class BeatEngine:
                 entry.open_run = entry.open_since = None
             at = max(now, entry.due or now)
             if at > now and entry.open_run is not None and self._waits_for(entry):
-                self._push(entry, self._waiting)  # the policy decides when the tick is due
+                self.catalog.push(entry, waiting=True)  # the policy decides when it is due
                 continue
             before = entry.last_tick
             paused = entry.schedule.key in self._paused
-            intents.extend(planning.plan(entry, at, paused=paused, policy=self._policy))
+            try:
+                intents.extend(planning.plan(entry, at, paused=paused, policy=self._policy))
+            except Exception as exc:  # this schedule only: flagged, the others go on
+                problem = f"its ticks cannot be planned: {describe(exc)}"
+                logger.exception("schedule %s cannot run: %s", entry.schedule.key, problem)
+                broken.append(self.catalog.break_(entry, problem))
+                continue
             if entry.last_tick is not None and entry.last_tick != before:
                 last_ticks[entry.schedule.key] = entry.last_tick
             planned.append(entry)
@@ -250,11 +246,13 @@ class BeatEngine:
                 )
         pending = [r for r in rows if r.status == Run.Status.PENDING]
         for run in pending:
-            opened = self._entries.get(run.schedule)
+            opened = self.catalog.entries.get(run.schedule)
             if opened is not None:
                 opened.open_run, opened.open_since = run.task_id, max(now, run.tick)
         for entry in planned:
-            self._push(entry)
+            self.catalog.push(entry)
+        if broken:
+            self._flag(broken, now, leadership.term, logged=True)
         self._enqueue(pending, now, leadership)
 
     def _waits_for(self, entry: Entry) -> bool:
@@ -267,7 +265,7 @@ class BeatEngine:
         """Hand recorded runs to the outbox (their messages are built now) and publish
         those due; if the broker cannot be asked, they stay pending and the retry poll
         picks them up."""
-        if runs and not self._outbox.add(runs, leadership.term, self._functions):
+        if runs and not self._outbox.add(runs, leadership.term, self.catalog.functions):
             self._broker_failed()
         self._publish_due(now, leadership)
 
@@ -285,7 +283,9 @@ class BeatEngine:
         if not names or not apps.is_installed("django_celery_beat"):
             return
         one_off = [
-            n for n in names if (e := self._entries.get(f"periodic:{n}")) and e.schedule.one_off
+            n
+            for n in names
+            if (e := self.catalog.entries.get(f"periodic:{n}")) and e.schedule.one_off
         ]
         periodic_tasks.record_runs(names, one_off=one_off, at=self.clock.now(), using=self.using)
 
@@ -329,7 +329,7 @@ class BeatEngine:
             self.app,
             using=self.using,
             signature=self._signature,
-            previous=self._schedules,
+            previous=self.catalog.schedules,
             full=full,
         )
 
@@ -342,52 +342,49 @@ class BeatEngine:
             seen = self._watcher.take()
         else:
             self._next_refresh = now + timedelta(seconds=interval)
-            full = now >= self._next_full and connections[self.using].vendor != "postgresql"
-            seen = self._look(full=full)
+            seen = self._look(full=now >= self._next_full and not self._digested)
         if seen is not None:
             self._apply(seen, now, term)
 
-    def _apply(self, seen: refresh.Seen, now: datetime, term: Term) -> None:
+    def _apply(self, seen: refresh.Seen, now: datetime, term: Term, *, first: bool = False) -> None:
         self._paused = seen.paused
+        self._policy = replace(self._policy, overrides=seen.overrides)
         if seen.found is None:
             return
         self._signature = seen.signature
         self._next_full = now + timedelta(seconds=_FULL_REFRESH)
-        found = seen.found
-        known = self._entries
-        new_keys = [k for k in found if k not in known]
-        records = ledger.last_ticks(new_keys, using=self.using) if new_keys else {}
-        problems = []
-        for key in [k for k in known if k not in found]:
-            del known[key]
-        for key, schedule in found.items():
-            entry = known.get(key)
-            if entry is not None and (
-                entry.schedule is schedule or entry.schedule.fingerprint == schedule.fingerprint
-            ):
-                continue
-            if schedule.problem and (entry is None or entry.schedule.problem != schedule.problem):
-                problems.append(schedule)
-            updated = planning.resume(schedule, entry, recorded=records.get(key), now=now)
-            known[key] = updated
-            self._push(updated)
-        self._schedules = {k: e.schedule for k, e in known.items()}
-        self._functions = {k: s.fn for k, s in self._schedules.items() if s.fn is not None}
-        if problems:
-            self._flag(problems, now, term)
+        changes = self.catalog.apply(
+            seen.found, now, lambda keys: schedule_records.last_ticks(keys, using=self.using)
+        )
+        if changes.flagged:
+            self._flag(changes.flagged, now, term)
+        notes = self.catalog.notes(
+            changes,
+            schedule_records.problems(using=self.using),
+            recorded=schedule_records.record_keys(using=self.using) if first else (),
+        )
+        if notes:
+            schedule_records.note_problems(
+                notes, term=term, using=self.using, ttl=self.settings.lease_ttl
+            )
 
     def _open_runs(self, now: datetime) -> None:
         since = now - timedelta(seconds=self.settings.overlap_timeout)
         for task_id, key, created in ledger.open_runs(since=since, using=self.using):
-            entry = self._entries.get(key)
+            entry = self.catalog.entries.get(key)
             if entry is not None:
                 entry.open_run, entry.open_since = task_id, created
 
-    def _flag(self, schedules: list[Schedule], now: datetime, term: Term) -> None:
+    def _flag(
+        self, schedules: list[Schedule], now: datetime, term: Term, *, logged: bool = False
+    ) -> None:
+        """Record why these schedules cannot run (one ERROR line each, unless the traceback
+        was already logged)."""
         for schedule in schedules:
-            logger.error("schedule %s cannot run: %s", schedule.key, schedule.problem)
+            if not (logged or schedule.key in self.catalog.logged):
+                logger.error("schedule %s cannot run: %s", schedule.key, schedule.problem)
             metrics.SCHEDULE_ERRORS.labels(metrics.schedule_label(schedule.key)).inc()
-        ledger.flag(
+        schedule_records.flag(
             {s.key: s.problem for s in schedules},
             at=now,
             term=term,

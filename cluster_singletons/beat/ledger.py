@@ -1,5 +1,7 @@
-"""The run ledger: one row per (schedule, tick), written fenced, published after commit;
-and the beat's per-schedule records (last tick, pause flag, problem).
+"""The run ledger: one row per (schedule, tick), written fenced, published after commit.
+
+The schedules' records (``schedule_records``) keep their last tick, written here in the
+same transaction as the runs.
 
 Invariants:
 
@@ -22,10 +24,9 @@ The writes (their invariants), and whether each is fenced:
   leader republishes pending rows under the same task id either way.
 - ``fail``: not fenced. A row whose message cannot be built (the same code and row on any
   leader) leaves ``pending`` for ``error``; only ``pending`` rows change.
-- ``flag``: fenced on the beat's term: a schedule's problem and its ``error`` row.
 - ``report``: workers, not leaders; only moves a run forward (never reopens a finished one).
-- ``revive_skipped``, ``set_paused``, ``prune``: operators, not leaders; ``prune`` keeps
-  rows still ``pending``.
+- ``revive_skipped``, ``prune``: operators, not leaders; ``prune`` keeps rows still
+  ``pending``.
 
 Everything else here is a read.
 """
@@ -293,26 +294,6 @@ def pending_count(*, using: str) -> int:
     return Run.objects.using(using).filter(status=Run.Status.PENDING).count()
 
 
-def paused(*, using: str) -> frozenset[str]:
-    """The keys of the schedules an operator paused (a read)."""
-    rows = ScheduleRecord.objects.using(using).filter(paused=True)
-    return frozenset(rows.values_list("key", flat=True))
-
-
-#: Schedules looked up by key up to this many; more (a first load): one scan.
-_BY_KEY = 1000
-
-
-def last_ticks(keys: list[str], *, using: str) -> dict[str, datetime | None]:
-    """The recorded ``last_tick`` of these schedules (those the ledger has; a read)."""
-    records = ScheduleRecord.objects.using(using)
-    if len(keys) > _BY_KEY:  # one scan beats thousands of IN lists
-        wanted = set(keys)
-        rows = records.values_list("key", "last_tick").iterator(chunk_size=10_000)
-        return {key: tick for key, tick in rows if key in wanted}
-    return dict(records.filter(key__in=keys).values_list("key", "last_tick"))
-
-
 def open_runs(*, since: datetime, using: str) -> list[tuple[str, str, datetime]]:
     """(task id, schedule, created at) of runs created since ``since`` that have not
     finished, oldest first (a read)."""
@@ -324,30 +305,6 @@ def open_runs(*, since: datetime, using: str) -> list[tuple[str, str, datetime]]
         .values_list("task_id", "schedule", "created_at")
     )
     return list(rows)
-
-
-def flag(problems: dict[str, str], *, at: datetime, term: Term, using: str, ttl: float) -> None:
-    """Record why these schedules cannot run (key: problem) on their records and as an
-    ``error`` row at ``at`` each, in one transaction fenced on ``term``."""
-    intents = [
-        Intent(schedule=key, tick=at, status=Run.Status.ERROR, reason=problem)
-        for key, problem in problems.items()
-    ]
-    with fencing.fenced(term, using=using, ttl=ttl):
-        ScheduleRecord.objects.using(using).bulk_create(
-            [ScheduleRecord(key=key, problem=problem) for key, problem in problems.items()],
-            update_conflicts=True,
-            unique_fields=["key"],
-            update_fields=["problem"],
-        )
-        record(intents, last_ticks={}, term=None, using=using, ttl=ttl)
-
-
-def set_paused(key: str, note: str | None, *, using: str) -> None:
-    """Pause schedule ``key`` with ``note`` saying why, or resume it (``None``)."""
-    ScheduleRecord.objects.using(using).update_or_create(
-        key=key, defaults={"paused": note is not None, "pause_note": note or ""}
-    )
 
 
 def covered(

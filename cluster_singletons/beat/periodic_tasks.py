@@ -3,7 +3,8 @@
 Statements and their invariants:
 
 - ``rows``: every ``PeriodicTask`` with its schedule's columns, in one query and without
-  model instances (a read).
+  model instances, raw where Django would convert (a read); a row that cannot be read is
+  reported by name, never fails the others.
 - ``signature``: changes whenever a column deciding what or when a task runs changes. On
   PostgreSQL a digest the server computes over every defining column, so bulk
   ``update()``s are seen too; elsewhere a cheap summary (count, newest ``date_changed``,
@@ -22,8 +23,11 @@ from datetime import datetime
 from typing import Any
 
 from django.apps import apps
-from django.db import connections
-from django.db.models import Count, F, Max
+from django.db import DatabaseError, connections
+from django.db.models import CharField, Count, F, Max
+from django.db.models.functions import Cast
+
+from cluster_singletons.errors import describe
 
 #: The columns ``rows`` reads, in order.
 FIELDS = (
@@ -48,7 +52,7 @@ FIELDS = (
     "crontab__day_of_month",
     "crontab__month_of_year",
     "crontab__day_of_week",
-    "crontab__timezone",
+    "crontab_zone",
     "solar__event",
     "solar__latitude",
     "solar__longitude",
@@ -80,11 +84,34 @@ def _digest_sql() -> str:
     return "SELECT " + ", ".join(parts)
 
 
-def rows(*, using: str) -> list[tuple[Any, ...]]:
-    """Every ``PeriodicTask`` as a tuple of ``FIELDS`` (a read)."""
+def rows(*, using: str) -> tuple[list[tuple[Any, ...]], dict[str, str]]:
+    """Every ``PeriodicTask`` as a tuple of ``FIELDS``, and the names of those whose row
+    cannot be read, with why (a read).
+
+    Columns are read raw where Django would convert them (a crontab's zone is text here,
+    not a zone object), so a bad value fails only that row's schedule. Should a row fail
+    to read anyway, the rows are read again one by one and only that one is left out.
+    """
     from django_celery_beat.models import PeriodicTask
 
-    return list(PeriodicTask.objects.using(using).values_list(*FIELDS))
+    tasks = PeriodicTask.objects.using(using)
+    query = tasks.annotate(crontab_zone=Cast("crontab__timezone", output_field=CharField()))
+    try:
+        return list(query.values_list(*FIELDS)), {}
+    except DatabaseError:
+        raise
+    except Exception:
+        pass
+    found: list[tuple[Any, ...]] = []
+    unreadable: dict[str, str] = {}
+    for pk, name in tasks.values_list("pk", "name"):
+        try:
+            found.extend(query.filter(pk=pk).values_list(*FIELDS))
+        except DatabaseError:
+            raise
+        except Exception as exc:
+            unreadable[name] = f"its row cannot be read: {describe(exc)}"
+    return found, unreadable
 
 
 def signature(using: str) -> object:

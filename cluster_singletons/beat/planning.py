@@ -8,11 +8,12 @@ coalescing, overlap and pause rules are tested without waiting for schedules.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from cluster_singletons.beat import ledger
-from cluster_singletons.beat.schedule import Schedule
+from cluster_singletons.beat.schedule import Override, Schedule
 from cluster_singletons.beat.timetables import Every
 from cluster_singletons.models import Run
 from cluster_singletons.names import Overlap
@@ -28,15 +29,23 @@ Range = tuple[datetime, datetime, int]
 
 @dataclass(frozen=True, kw_only=True)
 class Policy:
-    """The settings' defaults for schedules that do not set their own."""
+    """How a schedule's ticks are judged: an operator's override (its record) first, then
+    the schedule's own option, then the settings' default."""
 
     skip_if_older_than: float
     overlap: Overlap
+    overrides: Mapping[str, Override] = field(default_factory=dict)
 
     def overlap_of(self, schedule: Schedule) -> Overlap:
+        override = self.overrides.get(schedule.key)
+        if override is not None and override.overlap is not None:
+            return override.overlap
         return schedule.overlap or self.overlap
 
     def skip_after(self, schedule: Schedule) -> float:
+        override = self.overrides.get(schedule.key)
+        if override is not None and override.skip_if_older_than is not None:
+            return override.skip_if_older_than
         if schedule.skip_if_older_than is not None:
             return schedule.skip_if_older_than
         return self.skip_if_older_than
@@ -58,6 +67,8 @@ class Entry:
     open_since: datetime | None = None
     #: buffer_one: the ticks (first, last, count) waiting for the open run to finish.
     buffered: Range | None = None
+    #: The sequence number of this schedule's live item in the catalog's heaps (-1: none).
+    queued: int = -1
 
 
 def resume(

@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from django.db import DatabaseError, connections
 
-from cluster_singletons.beat import ledger, periodic_tasks
-from cluster_singletons.beat.schedule import Schedule
+from cluster_singletons.beat import periodic_tasks, schedule_records
+from cluster_singletons.beat.schedule import Override, Schedule
 from cluster_singletons.beat.sources import load_all
 from cluster_singletons.errors import describe
 
@@ -34,6 +35,8 @@ class Seen:
     signature: object
     #: Every schedule by key; None when the signature said nothing changed.
     found: dict[str, Schedule] | None
+    #: Operators' overrides from the schedules' records, by key.
+    overrides: Mapping[str, Override] = field(default_factory=dict)
 
 
 def look(
@@ -44,29 +47,51 @@ def look(
     previous: Mapping[str, Schedule],
     full: bool,
 ) -> Seen:
-    """Paused keys, the sources' signature, and the schedules if it differs from
-    ``signature`` (or ``full``)."""
-    paused = ledger.paused(using=using)
+    """Paused keys, operators' overrides, the sources' signature, and the schedules if the
+    signature differs from ``signature`` (or ``full``)."""
+    paused = schedule_records.paused(using=using)
+    overrides = {
+        key: Override(overlap=overlap or None, skip_if_older_than=skip)  # type: ignore[arg-type]
+        for key, (overlap, skip) in schedule_records.overrides(using=using).items()
+    }
     seen = periodic_tasks.signature(using)
     if not full and seen == signature:
-        return Seen(paused, seen, None)
-    return Seen(paused, seen, load_all(app, using=using, previous=previous))
+        return Seen(paused, seen, None, overrides)
+    return Seen(paused, seen, load_all(app, using=using, previous=previous), overrides)
 
 
 class Watcher:
-    """Calls ``look`` every ``interval`` seconds in a thread of its own; ``take`` hands the
-    newest result over once."""
+    """Calls ``look(full=...)`` every ``interval`` seconds in a thread of its own (``full``
+    every ``full_every`` seconds); ``take`` hands the newest result over once.
 
-    def __init__(self, look: Callable[[], Seen], *, interval: float, using: str) -> None:
+    It survives any exception: logged once per distinct error (with the traceback unless
+    the database is down), retried with backoff up to ``backoff_max``; ``problem`` says
+    when no look has completed for a while, so the beat's health can turn red.
+    """
+
+    def __init__(
+        self,
+        look: Callable[..., Seen],
+        *,
+        interval: float,
+        using: str,
+        full_every: float | None = None,
+        backoff_max: float = 10.0,
+    ) -> None:
         self._look = look
         self._interval = interval
         self._using = using
+        self._full_every = full_every
+        self._backoff_max = max(interval, backoff_max)
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._latest: Seen | None = None
+        self._ok_at = time.monotonic()
+        self._error: str | None = None
         self._thread = threading.Thread(target=self._run, name="beat-refresh", daemon=True)
 
     def start(self) -> None:
+        self._ok_at = time.monotonic()
         self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -78,24 +103,50 @@ class Watcher:
             seen, self._latest = self._latest, None
         return seen
 
+    def problem(self, *, stale_after: float) -> str | None:
+        """Why edits may be going unseen: no look completed for over ``stale_after``
+        seconds (None: all is well)."""
+        age = time.monotonic() - self._ok_at
+        if age <= stale_after:
+            return None
+        error = self._error
+        return f"the schedule watcher has not completed a look for {age:.0f}s" + (
+            f" (last error: {error})" if error else ""
+        )
+
     def _run(self) -> None:
-        failing = False
+        delay, failures = self._interval, 0
+        next_full = time.monotonic() + (self._full_every or float("inf"))
         try:
-            while not self._stop.wait(self._interval):
-                connections[self._using].close_if_unusable_or_obsolete()
+            while not self._stop.wait(delay):
+                full = time.monotonic() >= next_full
                 try:
-                    seen = self._look()
-                except DatabaseError as exc:
-                    # The dispatch thread learns of an outage from its own fenced writes;
-                    # here it only means no news of edits until the database answers.
-                    if not failing:
-                        logger.warning("looking for changed schedules failed: %s", describe(exc))
-                    failing = True
+                    connections[self._using].close_if_unusable_or_obsolete()
+                    seen = self._look(full=full)
+                except Exception as exc:
+                    self._failed(exc)
+                    failures += 1
+                    delay = min(self._interval * 2 ** min(failures, 16), self._backoff_max)
                     continue
-                if failing:
+                if self._error is not None:
                     logger.info("looking for changed schedules works again")
-                failing = False
+                    self._error = None
+                delay, failures = self._interval, 0
+                self._ok_at = time.monotonic()
+                if full:
+                    next_full = self._ok_at + (self._full_every or float("inf"))
                 with self._lock:
                     self._latest = seen
         finally:
             connections.close_all()
+
+    def _failed(self, exc: Exception) -> None:
+        text = describe(exc)
+        if text != self._error:
+            if isinstance(exc, DatabaseError):
+                # The dispatch thread learns of an outage from its own fenced writes; here
+                # it only means no news of edits until the database answers.
+                logger.warning("looking for changed schedules failed: %s", text)
+            else:
+                logger.exception("looking for changed schedules failed: %s", text)
+        self._error = text

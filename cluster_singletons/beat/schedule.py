@@ -87,3 +87,12 @@ class Schedule:
         if tick is None or (self.expires is not None and tick > self.expires):
             return None
         return tick
+
+
+@dataclass(frozen=True, kw_only=True)
+class Override:
+    """An operator's settings for one schedule (its record in the admin); they win over
+    the schedule's own options and the settings' defaults."""
+
+    overlap: Overlap | None = None
+    skip_if_older_than: float | None = None

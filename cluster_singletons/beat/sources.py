@@ -25,7 +25,7 @@ from django.conf import settings as django_settings
 from cluster_singletons.beat import crons, periodic_tasks, timetables
 from cluster_singletons.beat.schedule import Schedule
 from cluster_singletons.beat.timetables import Cron, Every, Once, Solar, Timetable
-from cluster_singletons.errors import ScheduleInvalid
+from cluster_singletons.errors import ScheduleInvalid, describe
 from cluster_singletons.names import OVERLAPS
 
 logger = logging.getLogger("cluster_singletons.schedules")
@@ -88,6 +88,8 @@ def from_beat_schedule(
             )
         except ScheduleInvalid as exc:
             found[key] = replace(base, problem=str(exc))
+        except Exception as exc:  # any value this code did not foresee: this entry only
+            found[key] = replace(base, problem=describe(exc))
     return found
 
 
@@ -135,7 +137,11 @@ def from_periodic_tasks(
     rows unchanged since ``previous`` (``last_run_at`` aside) reuse its objects."""
     previous = previous or {}
     found = {}
-    for row in periodic_tasks.rows(using=using):
+    rows, unreadable = periodic_tasks.rows(using=using)
+    for name, problem in unreadable.items():
+        key = f"periodic:{name}"
+        found[key] = Schedule(key=key, source="periodic", timetable=None, problem=problem)
+    for row in rows:
         key = f"periodic:{row[0]}"
         before = previous.get(key)
         if before is not None and before.source_row == row[:-1]:
@@ -174,6 +180,8 @@ def _periodic(row: dict[str, Any], source_row: tuple[Any, ...]) -> Schedule:
         )
     except ScheduleInvalid as exc:
         return Schedule(**identity, timetable=None, problem=str(exc))
+    except Exception as exc:  # any value this code did not foresee: this row only
+        return Schedule(**identity, timetable=None, problem=describe(exc))
 
 
 def _periodic_timetable(row: dict[str, Any]) -> Timetable:
@@ -188,7 +196,7 @@ def _periodic_timetable(row: dict[str, Any]) -> Timetable:
             str(row[f"crontab__{part}"])
             for part in ("minute", "hour", "day_of_month", "month_of_year", "day_of_week")
         )
-        tz = row["crontab__timezone"]
+        tz = row["crontab_zone"]
         return Cron(expression, timetables.zone(str(tz) if tz else _default_zone()))
     if row["clocked__clocked_time"] is not None:
         return Once(_aware(row["clocked__clocked_time"]) or row["clocked__clocked_time"])

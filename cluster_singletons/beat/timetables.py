@@ -29,7 +29,7 @@ from typing import Any, Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from cron_descriptor import get_description
-from croniter import croniter
+from croniter import CroniterBadDateError, croniter
 
 from cluster_singletons.errors import ScheduleInvalid
 
@@ -73,6 +73,8 @@ class Cron:
             )
         if not _valid_cron(self.expression):
             raise ScheduleInvalid(f"invalid cron expression {self.expression!r}")
+        if not _fires(self.expression):
+            raise ScheduleInvalid(f"cron expression {self.expression!r} never fires")
 
     def next_after(self, after: datetime) -> datetime | None:
         local = after.astimezone(self.tz)
@@ -107,6 +109,12 @@ class Every:
             raise ScheduleInvalid(
                 f"interval must be a positive number of seconds, not {self.seconds!r}"
             )
+        try:
+            self.anchor + timedelta(seconds=self.seconds)
+        except OverflowError:
+            raise ScheduleInvalid(
+                f"interval of {self.seconds:g} seconds reaches beyond the calendar (year 9999)"
+            ) from None
 
     def next_after(self, after: datetime) -> datetime | None:
         if after < self.anchor:
@@ -174,9 +182,24 @@ class Solar:
         return f"At {self.event.replace('_', ' ')} ({self.latitude}, {self.longitude})"
 
 
+#: Where a new expression is first iterated from, to find expressions that never fire.
+_PROBE_FROM = datetime(2000, 1, 1)
+
+
 @lru_cache(maxsize=4096)
 def _valid_cron(expression: str) -> bool:
     return bool(croniter.is_valid(expression))
+
+
+@lru_cache(maxsize=4096)
+def _fires(expression: str) -> bool:
+    """Whether ``expression`` has a next time at all (``0 0 30 2 *`` passes ``is_valid``
+    but never fires): iterated once, from a fixed instant, per expression."""
+    try:
+        croniter(expression, _PROBE_FROM).get_next(datetime)
+    except (CroniterBadDateError, ValueError, KeyError, OverflowError):
+        return False
+    return True
 
 
 #: Parsing an expression costs five times a step: one iterator per expression and thread,

@@ -10,6 +10,7 @@ metrics (``collector``) all show this one report.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -18,8 +19,11 @@ from cluster_singletons import names
 from cluster_singletons.beat import crons, deliveries, ledger
 from cluster_singletons.cluster import fencing, heartbeats, leases, membership
 from cluster_singletons.conf import ClusterSettings, get_settings
-from cluster_singletons.health.status import NOT_LED, UNHEALTHY, Deadline, status
+from cluster_singletons.errors import describe
+from cluster_singletons.health.status import FAILED, NOT_LED, UNHEALTHY, Deadline, status
 from cluster_singletons.singletons import registry
+
+logger = logging.getLogger("cluster_singletons.health")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,9 +92,12 @@ def cluster_health(
             )
             if beat.beat_at is not None:
                 base["age"] = round((now - beat.beat_at).total_seconds(), 3)
-        state = status(lease, beat, now, grace=grace, deadline=deadline)
-        if state != NOT_LED:
-            assert lease is not None
+        try:
+            state = status(lease, beat, now, grace=grace, deadline=deadline)
+        except Exception as exc:  # this item only: reported, never an error page
+            logger.exception("the health of %s cannot be computed", name)
+            state, base["last_error"] = FAILED, f"its health cannot be computed: {describe(exc)}"
+        if state != NOT_LED and lease is not None and lease.holder_id is not None:
             base.update(leader=lease.holder_id, epoch=lease.epoch)
         return Item(status=state, **base)
 

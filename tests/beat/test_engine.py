@@ -420,7 +420,7 @@ def test_the_refresh_thread_hands_over_edited_schedules(app: Celery) -> None:
     seen = refresh.look(app, using="default", signature=None, previous={}, full=True)
     assert seen.found is not None and not seen.found["periodic:edited"].problem
 
-    def look() -> refresh.Seen:
+    def look(*, full: bool = False) -> refresh.Seen:
         return refresh.look(
             app, using="default", signature=seen.signature, previous=seen.found or {}, full=False
         )

@@ -132,7 +132,7 @@ class Looks:
         self.hold_from = hold_from
         self.release = threading.Event()
 
-    def __call__(self) -> refresh.Seen:
+    def __call__(self, *, full: bool = False) -> refresh.Seen:
         self.calls += 1
         if self.hold_from is not None and self.calls >= self.hold_from:
             self.release.wait(DEADLINE)
@@ -144,7 +144,7 @@ def watched() -> Iterator[Callable[..., refresh.Watcher]]:
     """Start watchers; every one is released and stopped at the end of the test."""
     started: list[tuple[refresh.Watcher, Looks | None]] = []
 
-    def start(look: Callable[[], refresh.Seen], interval: float = 0.01) -> refresh.Watcher:
+    def start(look: Callable[..., refresh.Seen], interval: float = 0.01) -> refresh.Watcher:
         watcher = refresh.Watcher(look, interval=interval, using="default")
         started.append((watcher, look if isinstance(look, Looks) else None))
         watcher.start()
@@ -214,7 +214,7 @@ def test_a_database_error_is_logged_once_and_the_watcher_keeps_looking(
     failures = 3
     calls = 0
 
-    def look() -> refresh.Seen:
+    def look(*, full: bool = False) -> refresh.Seen:
         nonlocal calls
         calls += 1
         if calls <= failures:

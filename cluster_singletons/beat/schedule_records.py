@@ -1,0 +1,99 @@
+"""The beat's per-schedule records (``ScheduleRecord``): what operators set on a schedule
+(pause, overlap and catch-up overrides) and what the beat says of it (its problem).
+
+Statements and their invariants:
+
+- ``paused``, ``overrides``, ``problems``, ``record_keys``, ``last_ticks``: reads.
+- ``set_paused``: an operator's write (admin, commands), not a leader's.
+- ``flag``: fenced on the beat's term: the schedule's problem and an ``error`` row in the
+  run ledger, in one transaction; a deposed leader flags nothing.
+- ``note_problems``: fenced on the beat's term: a problem cleared once its schedule runs
+  again, or ``catalog.DELETED`` once no source defines it; only existing records change.
+
+A record's ``last_tick`` is written by the ledger, in the same fenced transaction as the
+runs it accounts for.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from cluster_singletons.beat.ledger import Intent, record
+from cluster_singletons.cluster import fencing
+from cluster_singletons.cluster.fencing import Term
+from cluster_singletons.models import Run, ScheduleRecord
+
+
+def paused(*, using: str) -> frozenset[str]:
+    """The keys of the schedules an operator paused (a read)."""
+    rows = ScheduleRecord.objects.using(using).filter(paused=True)
+    return frozenset(rows.values_list("key", flat=True))
+
+
+#: Schedules looked up by key up to this many; more (a first load): one scan.
+_BY_KEY = 1000
+
+
+def last_ticks(keys: list[str], *, using: str) -> dict[str, datetime | None]:
+    """The recorded ``last_tick`` of these schedules (those the ledger has; a read)."""
+    records = ScheduleRecord.objects.using(using)
+    if len(keys) > _BY_KEY:  # one scan beats thousands of IN lists
+        wanted = set(keys)
+        rows = records.values_list("key", "last_tick").iterator(chunk_size=10_000)
+        return {key: tick for key, tick in rows if key in wanted}
+    return dict(records.filter(key__in=keys).values_list("key", "last_tick"))
+
+
+def flag(problems: dict[str, str], *, at: datetime, term: Term, using: str, ttl: float) -> None:
+    """Record why these schedules cannot run (key: problem) on their records and as an
+    ``error`` row at ``at`` each, in one transaction fenced on ``term``."""
+    intents = [
+        Intent(schedule=key, tick=at, status=Run.Status.ERROR, reason=problem)
+        for key, problem in problems.items()
+    ]
+    with fencing.fenced(term, using=using, ttl=ttl):
+        ScheduleRecord.objects.using(using).bulk_create(
+            [ScheduleRecord(key=key, problem=problem) for key, problem in problems.items()],
+            update_conflicts=True,
+            unique_fields=["key"],
+            update_fields=["problem"],
+        )
+        record(intents, last_ticks={}, term=None, using=using, ttl=ttl)
+
+
+def set_paused(key: str, note: str | None, *, using: str) -> None:
+    """Pause schedule ``key`` with ``note`` saying why, or resume it (``None``)."""
+    ScheduleRecord.objects.using(using).update_or_create(
+        key=key, defaults={"paused": note is not None, "pause_note": note or ""}
+    )
+
+
+def problems(*, using: str) -> dict[str, str]:
+    """The schedules whose record states a problem, and the problem (a read)."""
+    rows = ScheduleRecord.objects.using(using).exclude(problem="")
+    return dict(rows.values_list("key", "problem"))
+
+
+def record_keys(*, using: str) -> set[str]:
+    """Every schedule key with a record (a read, at the start of a term)."""
+    rows = ScheduleRecord.objects.using(using).values_list("key", flat=True)
+    return set(rows.iterator(chunk_size=10_000))
+
+
+def note_problems(notes: dict[str, str], *, term: Term, using: str, ttl: float) -> None:
+    """Set the problem of these schedules' existing records (``""``: none any more), in
+    one transaction fenced on ``term``; records are not created for this."""
+    by_text: dict[str, list[str]] = {}
+    for key, text in notes.items():
+        by_text.setdefault(text, []).append(key)
+    with fencing.fenced(term, using=using, ttl=ttl):
+        for text, keys in by_text.items():
+            rows = ScheduleRecord.objects.using(using).filter(key__in=keys)
+            rows.exclude(problem=text).update(problem=text)
+
+
+def overrides(*, using: str) -> dict[str, tuple[str, float | None]]:
+    """Operators' overrides on schedule records: key -> (overlap or "", catch-up horizon
+    or None), for the records that set either (a read)."""
+    rows = ScheduleRecord.objects.using(using).exclude(overlap="", skip_if_older_than=None)
+    return {key: (o, s) for key, o, s in rows.values_list("key", "overlap", "skip_if_older_than")}
