@@ -255,3 +255,88 @@ def test_a_cron_whose_ticks_cannot_be_computed_is_failed_in_health_never_an_erro
         assert staff.get("/admin/cluster_singletons/clusterhealth/").status_code == 200
     finally:
         del crons._crons["cron:broken"]
+
+
+def test_a_row_that_cannot_be_read_at_all_is_left_out_alone(app: Celery) -> None:
+    if connection.vendor != "sqlite":
+        pytest.skip("only SQLite stores text that its decimal column cannot convert")
+    from django_celery_beat.models import SolarSchedule
+
+    _good()
+    solar = SolarSchedule.objects.create(event="sunrise", latitude=52.5, longitude=13.4)
+    PeriodicTask.objects.create(name="garbled", task="t.tick", solar=solar)
+    with connection.cursor() as cursor:  # its decimal column cannot be converted
+        cursor.execute(f"UPDATE {SolarSchedule._meta.db_table} SET latitude = %s", ["north"])
+    PeriodicTask.objects.update(date_changed=T0)
+    leader = Leader(app)
+    leader.at(10)
+    assert _dispatched(app) == ["periodic:good"]
+    assert "cannot be read" in _errors()["periodic:garbled"]
+
+
+def test_an_exception_planning_one_schedule_flags_it_and_the_rest_run(
+    app: Celery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cluster_singletons.beat import planning
+
+    app.conf.beat_schedule = {
+        "fine": {"task": "t.tick", "schedule": 10},
+        "cursed": {"task": "t.tick", "schedule": 10},
+    }
+    real = planning.plan
+
+    def plan(entry: Any, *args: Any, **kwargs: Any) -> Any:
+        if entry.schedule.key == "beat:cursed":
+            raise RuntimeError("cursed")
+        return real(entry, *args, **kwargs)
+
+    monkeypatch.setattr(planning, "plan", plan)
+    leader = Leader(app)
+    leader.at(10)
+    leader.at(20)
+    assert _dispatched(app) == ["beat:fine", "beat:fine"]
+    assert "cursed" in _errors()["beat:cursed"]
+    assert leader.engine.catalog.live_items("beat:cursed") == 0, "planned no more"
+
+
+def test_each_problem_is_logged_once_not_at_every_reread(app: Celery) -> None:
+    import logging
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    beat_log = logging.getLogger("cluster_singletons.beat")
+    beat_log.addHandler(handler)
+    try:
+        every = IntervalSchedule.objects.create(every=10, period=IntervalSchedule.SECONDS)
+        PeriodicTask.objects.create(name="json", task="t.tick", interval=every, args="[bad")
+        app.conf.beat_schedule = {
+            "never": {"task": "t.tick", "schedule": 10, "options": {"overlap": "x"}}
+        }
+        PeriodicTask.objects.update(date_changed=T0)
+        leader = Leader(app)
+        for second in range(0, 200, 5):  # several full rereads
+            leader.at(second)
+    finally:
+        beat_log.removeHandler(handler)
+    errors = [r.getMessage() for r in records if r.levelno == logging.ERROR]
+    assert len([m for m in errors if "periodic:json" in m]) == 1
+    assert len([m for m in errors if "beat:never" in m]) == 1
+
+
+def test_a_watcher_that_cannot_look_turns_the_beats_health_failed(app: Celery) -> None:
+    from cluster_singletons.health.report import cluster_health
+    from cluster_singletons.health.status import FAILED
+
+    class Stuck:
+        def take(self) -> None:
+            return None
+
+        def problem(self, *, stale_after: float) -> str:
+            return f"the schedule watcher has not completed a look for {stale_after:g}s"
+
+    leader = Leader(app)
+    leader.engine._watcher = Stuck()  # type: ignore[assignment]
+    leader.at(5)
+    (beat,) = [i for i in cluster_health().items if i.name == "beat"]
+    assert beat.status == FAILED and "watcher" in beat.last_error
