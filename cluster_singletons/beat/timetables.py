@@ -9,12 +9,15 @@ Time zones and daylight saving time (one behaviour, for every zone):
 
 - Cron expressions are wall-clock times in the schedule's zone, iterated by ``croniter``
   over naive local times.
-- A wall-clock time that occurs twice (the repeated hour when clocks go back) runs once,
-  at its first occurrence. An hourly job therefore runs 23 times that night, never twice
-  for one wall-clock time.
-- A wall-clock time that does not exist (the hour skipped when clocks go forward) runs at
-  the first instant after the gap (``02:30`` runs at ``03:00``); several such times
-  coalesce into that one run. Nothing is silently dropped.
+- Vixie cron's rule. An expression whose hour field is a wildcard or a step (``0 * * * *``,
+  ``*/15 */2 * * *``) follows real time: in the repeated hour when clocks go back it runs
+  at both occurrences of its times (every real hour, for ``0 * * * *``), and in the hour
+  skipped when clocks go forward it has no run (no phantom run: ``30 * * * *`` runs at
+  01:30 and 03:30, an hour apart).
+- An expression at fixed hours (``30 2 * * *``) runs once per day: a wall-clock time that
+  occurs twice runs at its first occurrence, and one that does not exist runs at the
+  first instant after the gap (``02:30`` runs at ``03:00``), several such times coalesced
+  into that one run. Nothing is silently dropped.
 - Intervals are exact elapsed time (``every`` seconds from an anchor), unaffected by DST.
 """
 
@@ -80,17 +83,25 @@ class Cron:
         local = after.astimezone(self.tz)
         start = local.replace(tzinfo=None)
         earlier = (after - _REWIND).astimezone(self.tz)
-        if earlier.utcoffset() != local.utcoffset():
-            # Clocks changed within the last hour: after a repeated hour the wall clock can
-            # be behind ticks that are already past, so walk from before the change; the
-            # loop skips those.
+        later = (after + _REWIND).astimezone(self.tz)
+        if not earlier.utcoffset() == local.utcoffset() == later.utcoffset():
+            # Clocks change within an hour of ``after``: the wall clock can be behind ticks
+            # still to come (a repeated hour) or past ones, so walk from before the change;
+            # the loop skips what is not after ``after``.
             start = earlier.replace(tzinfo=None)
+        real_time = self.follows_real_time
         walk = _walker(self.expression, start)
         for _ in range(100_000):
-            candidate = _to_utc(walk.get_next(datetime), self.tz)
-            if candidate > after:
-                return candidate
+            for candidate in _instants(walk.get_next(datetime), self.tz, real_time=real_time):
+                if candidate > after:
+                    return candidate
         raise ScheduleInvalid(f"cron expression {self.expression!r} yields no next time")
+
+    @property
+    def follows_real_time(self) -> bool:
+        """Whether the hour field is a wildcard or a step (Vixie cron's DST rule)."""
+        hour = self.expression.split()[1]
+        return hour == "*" or hour.startswith("*/")
 
     def describe(self) -> str:
         text = str(get_description(self.expression))
@@ -234,6 +245,19 @@ def preview(timetable: Timetable, count: int, *, after: datetime) -> list[dateti
         ticks.append(tick)
         cursor = tick
     return ticks
+
+
+def _instants(wall: datetime, tz: tzinfo, *, real_time: bool) -> list[datetime]:
+    """The instants at which the naive wall-clock time ``wall`` in ``tz`` runs, in order.
+
+    ``real_time``: every occurrence (two in a repeated hour, none in a skipped one);
+    otherwise exactly one (the first occurrence, or the end of the gap).
+    """
+    first = wall.replace(tzinfo=tz, fold=0).astimezone(UTC)
+    if first.astimezone(tz).replace(tzinfo=None) != wall:  # skipped by the clocks
+        return [] if real_time else [_to_utc(wall, tz)]
+    second = wall.replace(tzinfo=tz, fold=1).astimezone(UTC)
+    return [first, second] if real_time and second != first else [first]
 
 
 def _to_utc(wall: datetime, tz: tzinfo) -> datetime:

@@ -40,15 +40,61 @@ def test_daily_job_in_the_dst_hour_runs_exactly_once(
     )
 
 
-@pytest.mark.parametrize("tz", ["Europe/Berlin", "America/New_York"])
-def test_hourly_job_never_runs_twice_for_one_wall_clock_time(tz: str) -> None:
-    start = datetime(2026, 10, 24, 20, tzinfo=UTC) if tz == "Europe/Berlin" else None
-    start = start or datetime(2026, 10, 31, 22, tzinfo=UTC)
-    ticks = preview(Cron("0 * * * *", zone(tz)), 8, after=start)
+@pytest.mark.parametrize(
+    ("tz", "start", "expected"),
+    [
+        # Fall back: the repeated hour's 02:00 (Berlin) / 01:00 (New York) runs twice,
+        # once per real hour, as Vixie cron runs jobs whose hour field is a wildcard.
+        (
+            "Europe/Berlin",
+            datetime(2026, 10, 24, 22, tzinfo=UTC),
+            ["01:00+0200", "02:00+0200", "02:00+0100", "03:00+0100", "04:00+0100"],
+        ),
+        (
+            "America/New_York",
+            datetime(2026, 11, 1, 4, tzinfo=UTC),
+            ["01:00-0400", "01:00-0500", "02:00-0500", "03:00-0500", "04:00-0500"],
+        ),
+    ],
+)
+def test_a_wildcard_hour_cron_runs_every_real_hour_across_fall_back(
+    tz: str, start: datetime, expected: list[str]
+) -> None:
+    ticks = preview(Cron("0 * * * *", zone(tz)), 5, after=start)
+    assert [t.astimezone(zone(tz)).strftime("%H:%M%z") for t in ticks] == expected
+    assert {b - a for a, b in itertools.pairwise(ticks)} == {timedelta(hours=1)}
+
+
+@pytest.mark.parametrize(
+    ("tz", "start"),
+    [
+        ("Europe/Berlin", datetime(2026, 3, 28, 23, tzinfo=UTC)),
+        ("America/New_York", datetime(2026, 3, 8, 5, tzinfo=UTC)),
+    ],
+)
+def test_a_wildcard_hour_cron_has_no_phantom_run_in_the_spring_gap(
+    tz: str, start: datetime
+) -> None:
+    ticks = preview(Cron("30 * * * *", zone(tz)), 4, after=start)
     walls = [t.astimezone(zone(tz)).strftime("%H:%M") for t in ticks]
-    assert len(set(walls)) == len(walls), walls
-    assert ticks == sorted(set(ticks))
-    assert max(b - a for a, b in itertools.pairwise(ticks)) == timedelta(hours=2)
+    assert walls == ["00:30", "01:30", "03:30", "04:30"]
+    assert {b - a for a, b in itertools.pairwise(ticks)} == {timedelta(hours=1)}
+
+
+def test_a_stepped_hour_cron_follows_real_time_and_a_fixed_hour_one_runs_once() -> None:
+    berlin = zone("Europe/Berlin")
+    start = datetime(2026, 10, 24, 21, tzinfo=UTC)
+    stepped = preview(Cron("0 */2 * * *", berlin), 3, after=start)
+    assert [t.astimezone(berlin).strftime("%H:%M%z") for t in stepped] == [
+        "00:00+0200",
+        "02:00+0200",
+        "02:00+0100",
+    ]
+    fixed = preview(Cron("0 2 * * *", berlin), 2, after=start)
+    assert [t.astimezone(berlin).strftime("%d %H:%M%z") for t in fixed] == [
+        "25 02:00+0200",
+        "26 02:00+0100",
+    ]
 
 
 @pytest.mark.parametrize("tz", ["Europe/Berlin", "America/New_York"])
