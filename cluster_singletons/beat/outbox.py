@@ -175,30 +175,45 @@ class Outbox:
                 batch: list[Outgoing] = []
                 while self._heap and self._heap[0].tick <= now and len(batch) < BATCH:
                     batch.append(heapq.heappop(self._heap))
-                if not self._flush(batch, leadership.term):
+                sent = self._flush(batch, leadership.term)
+                if sent is None:
                     self.clear()
                     return False
-                published.extend(o.run for o in batch)
+                published.extend(sent)
             return True
         finally:
             # Bookkeeping outside the ledger waits until the due batches are out.
             if published:
                 self._after_publish(published)
 
-    def _flush(self, batch: list[Outgoing], term: Term) -> bool:
+    def _flush(self, batch: list[Outgoing], term: Term) -> list[Run] | None:
+        """Publish ``batch``; the runs published (a run kombu refuses becomes an error row),
+        or None if the broker refused (all stay pending)."""
+        refused: dict[str, str] = {}
         try:
             with self.app.producer_or_acquire() as producer, _batched(producer):
                 for outgoing in batch:
-                    for body, kwargs in outgoing.messages:
-                        producer.publish(body, **kwargs)
+                    try:
+                        for body, kwargs in outgoing.messages:
+                            producer.publish(body, **kwargs)
+                    except BROKER_ERRORS:
+                        raise
+                    except Exception as exc:  # this run only (an option kombu rejects)
+                        run = outgoing.run
+                        logger.exception("%s for %s cannot be published", run.task_id, run.schedule)
+                        metrics.SCHEDULE_ERRORS.labels(metrics.schedule_label(run.schedule)).inc()
+                        refused[run.task_id] = f"message cannot be published: {describe(exc)}"
         except BROKER_ERRORS as exc:
             logger.warning(
                 "publishing %d run(s) failed (%s); they stay pending and are retried",
                 len(batch),
                 describe(exc),
             )
-            return False
+            return None
         at = self.clock.now()
+        if refused:
+            ledger.fail(refused, using=self.using)
+            batch = [o for o in batch if o.run.task_id not in refused]
         runs = [o.run for o in batch]
         ledger.mark_published([r.task_id for r in runs], at=at, using=self.using)
         for outgoing in batch:
@@ -209,7 +224,7 @@ class Outbox:
                 metrics.DISPATCH_LATENESS.observe(late)
                 if late > LATE:
                     metrics.TICKS_LATE.labels(metrics.schedule_label(outgoing.run.schedule)).inc()
-        return True
+        return runs
 
     def clear(self) -> None:
         self._heap.clear()

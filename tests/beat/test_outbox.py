@@ -222,14 +222,6 @@ def test_a_run_whose_message_cannot_be_built_is_an_error_row_and_the_rest_are_pu
     assert _status(first)[0] == _status(second)[0] == Run.Status.PUBLISHED
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "kombu rejects an unknown compression only when publishing: the KeyError escapes "
-        "publish_due (not a BROKER_ERROR, not an error row), the batch is dropped from the "
-        "outbox and its runs stay pending, to fail again on every republication"
-    ),
-)
 def test_a_run_whose_compression_kombu_rejects_is_an_error_row_and_the_rest_are_published(
     app: Celery, box: Outbox, term: Term, leadership: Leadership
 ) -> None:
