@@ -5,10 +5,16 @@ from collections.abc import Iterator
 
 import pytest
 from django.db import connection
+from hypothesis import settings as hypothesis_settings
 from pydantic import BaseModel
 
 from cluster_singletons.singletons import registry
 from cluster_singletons.singletons.state import StateStore
+
+# Property tests: a few examples in ``make test``, many in CI (HYPOTHESIS_PROFILE=ci).
+hypothesis_settings.register_profile("dev", max_examples=8)
+hypothesis_settings.register_profile("ci", max_examples=120)
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
