@@ -55,8 +55,9 @@ def load_all(
     known = set(app.tasks.keys())
     for key, schedule in found.items():
         if schedule.task and not schedule.problem and schedule.task not in known:
+            # Not reused by the next read (no source row): once the task exists it runs.
             found[key] = replace(
-                schedule, timetable=None, problem=f"unknown task {schedule.task!r}"
+                schedule, timetable=None, problem=f"unknown task {schedule.task!r}", source_row=()
             )
     return found
 
@@ -102,7 +103,7 @@ def _celery_timetable(value: Any, tz: str | None) -> Timetable:
         return Every(value.total_seconds())
     if isinstance(value, crontab):
         expression = " ".join(
-            str(getattr(value, f"_orig_{part}"))
+            _cron_field(getattr(value, f"_orig_{part}"))
             for part in ("minute", "hour", "day_of_month", "month_of_year", "day_of_week")
         )
         return Cron(expression, timetables.zone(tz))
@@ -112,6 +113,14 @@ def _celery_timetable(value: Any, tz: str | None) -> Timetable:
         every: timedelta = getattr(value, "run_every")  # noqa: B009 (untyped in the stubs)
         return Every(every.total_seconds())
     raise ScheduleInvalid(f"unsupported schedule {value!r}")
+
+
+def _cron_field(value: Any) -> str:
+    """One field of a Celery ``crontab`` as cron text: a list or set of values (which Celery
+    accepts) becomes a comma-separated list."""
+    if isinstance(value, list | tuple | set | frozenset):
+        return ",".join(str(v) for v in sorted(value))
+    return str(value)
 
 
 def _beat_options(raw: Mapping[str, Any]) -> dict[str, Any]:

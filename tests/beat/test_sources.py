@@ -104,11 +104,6 @@ def test_a_crontab_keeps_all_five_fields_in_cron_order() -> None:
 
 
 @pytest.mark.unit
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a crontab field given as a list/set (documented by Celery) is joined as "
-    "its Python repr ('[0, 30] * * * *') and flagged as an invalid cron expression",
-)
 def test_a_crontab_with_a_list_of_minutes_is_scheduled_like_celery_does() -> None:
     found = _one({"task": "t.tick", "schedule": crontab(minute=[0, 30])}, tz="UTC")
     assert found.problem == ""
@@ -455,11 +450,6 @@ def test_load_all_reuses_unchanged_periodic_rows_from_previous(app: Celery) -> N
 
 @pytest.mark.db
 @pytest.mark.django_db
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: an unchanged row flagged 'unknown task' is reused from previous with its "
-    "problem, so it stays unschedulable after the task is registered until the row is edited",
-)
 def test_a_row_flagged_for_an_unknown_task_recovers_once_the_task_is_registered(
     app: Celery,
 ) -> None:
