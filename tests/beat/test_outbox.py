@@ -257,13 +257,14 @@ def test_a_batch_the_broker_refuses_stays_pending_and_the_outbox_is_emptied(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     runs = _runs(term, 10, 20, 30)
-    _refuse_from(monkeypatch, accepted=0)
-    assert box.add(runs, term, {}) is True, "building messages needs no broker round trip"
-    assert box.publish_due(_at(20), leadership) is False
+    # Its own patch, undone alone: undoing the fixture's would bring CELERY_BROKER_URL back.
+    with pytest.MonkeyPatch.context() as refusing:
+        _refuse_from(refusing, accepted=0)
+        assert box.add(runs, term, {}) is True, "building messages needs no broker round trip"
+        assert box.publish_due(_at(20), leadership) is False
     assert (box.task_ids, box.next_at) == (set(), None), "even the run not yet due"
     assert [_status(r) for r in runs] == [(Run.Status.PENDING, None)] * 3
     assert handed == []
-    monkeypatch.undo()
     assert _drain(app) == []
 
 
@@ -276,10 +277,11 @@ def test_a_batch_refused_midway_stays_pending_and_is_republished_under_the_same_
 ) -> None:
     runs = _runs(term, 10, 20)
     box.add(runs, term, {})
-    _refuse_from(monkeypatch, accepted=1)
-    assert box.publish_due(_at(20), leadership) is False
+    with pytest.MonkeyPatch.context() as refusing:  # undone alone, as above
+        _refuse_from(refusing, accepted=1)
+        assert box.publish_due(_at(20), leadership) is False
     assert ledger.pending_count(using="default") == 2, "kombu cannot tell what got through"
-    monkeypatch.undo()  # the broker is back: the engine republishes what is pending
+    # The broker is back: the engine republishes what is pending.
     again = ledger.pending(until=_at(20), using="default")
     assert box.add(again, term, {}) is True
     assert box.publish_due(_at(20), leadership) is True
