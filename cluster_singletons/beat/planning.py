@@ -22,6 +22,9 @@ from cluster_singletons.names import Overlap
 _OVERLAP_RECHECK = 1.0
 #: Ticks counted one by one at most (a year of minutely ticks is counted in full).
 _COUNT_CAP = 600_000
+#: The most ticks one row says it stands for (its ``ticks`` column is a 32-bit integer):
+#: a day of a microsecond interval is more.
+MAX_TICKS = 2**31 - 1
 _EPSILON = timedelta(microseconds=1)
 #: (first tick, last tick, number of ticks)
 Range = tuple[datetime, datetime, int]
@@ -167,7 +170,7 @@ def tick_range(schedule: Schedule, first: datetime, until: datetime) -> Range:
     if isinstance(timetable, Every) and schedule.expires is None:
         steps = int((until - first).total_seconds() // timetable.seconds)
         last = first + timedelta(seconds=steps * timetable.seconds)
-        return first, last, steps + 1
+        return first, last, min(steps + 1, MAX_TICKS)
     last, count = first, 1
     while count < _COUNT_CAP:
         following = schedule.first_tick_after(last)

@@ -340,3 +340,22 @@ def test_a_watcher_that_cannot_look_turns_the_beats_health_failed(app: Celery) -
     leader.at(5)
     (beat,) = [i for i in cluster_health().items if i.name == "beat"]
     assert beat.status == FAILED and "watcher" in beat.last_error
+
+
+def test_a_microsecond_interval_after_a_days_downtime_is_one_capped_run(app: Celery) -> None:
+    from cluster_singletons.beat.planning import MAX_TICKS
+
+    _good()
+    tiny = IntervalSchedule.objects.create(every=2, period=IntervalSchedule.MICROSECONDS)
+    PeriodicTask.objects.create(name="tiny", task="t.tick", interval=tiny, start_time=T0)
+    PeriodicTask.objects.update(date_changed=T0)
+    app.conf.beat_schedule = {}
+    settings = Leader(app).engine.settings.model_copy(
+        update={"overlap": "allow_all", "skip_if_older_than": 10**6}
+    )
+    leader = Leader(app, settings=settings)
+    leader.at(86_400)  # a day later: 4.3e10 ticks of the tiny interval, coalesced
+    run = Run.objects.filter(schedule="periodic:tiny").exclude(status=Run.Status.ERROR).get()
+    assert run.ticks == MAX_TICKS
+    leader.at(86_410)
+    assert "periodic:good" in _dispatched(app)

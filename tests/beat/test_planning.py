@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from cluster_singletons.beat.planning import Entry, Policy, plan
+from cluster_singletons.beat.planning import MAX_TICKS, Entry, Policy, plan, tick_range
 from cluster_singletons.beat.schedule import Schedule
 from cluster_singletons.beat.timetables import Every
 from cluster_singletons.names import Overlap
@@ -69,3 +69,11 @@ def test_a_paused_schedule_records_nothing_and_does_not_catch_up() -> None:
     assert entry.last_tick == T0 + timedelta(seconds=30)
     (run,) = plan(entry, T0 + timedelta(seconds=40), paused=False, policy=POLICY)
     assert run.ticks == 1
+
+
+def test_a_coalesced_count_beyond_the_ticks_column_is_capped() -> None:
+    schedule = Schedule(key="beat:fast", source="beat", timetable=Every(2e-6), task="t")
+    first = datetime(2026, 3, 2, 12, tzinfo=UTC)
+    start, last, count = tick_range(schedule, first, first + timedelta(days=1))
+    assert count == MAX_TICKS
+    assert (start, last) == (first, first + timedelta(days=1)), "the range itself is exact"
