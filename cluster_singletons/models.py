@@ -14,6 +14,8 @@ from django.db.models.functions import Now
 
 from cluster_singletons.names import OVERLAP_CHOICES
 
+#: The longest schedule key stored (``periodic:`` + a django-celery-beat name of 200 fits).
+SCHEDULE_KEY_MAX = 255
 #: The longest catch-up horizon an operator may set on a schedule: ten years.
 MAX_CATCH_UP = 10 * 365 * 86400
 
@@ -204,7 +206,7 @@ class Run(models.Model):
     FINISHED = (Status.SUCCEEDED, Status.FAILED, Status.SKIPPED, Status.ERROR)
 
     id = models.BigAutoField(primary_key=True)
-    schedule = models.CharField(max_length=200)
+    schedule = models.CharField(max_length=SCHEDULE_KEY_MAX)
     tick = models.DateTimeField()
     first_tick = models.DateTimeField(null=True, blank=True)
     ticks = models.PositiveIntegerField(default=1)
@@ -240,7 +242,7 @@ class Run(models.Model):
 class ScheduleRecord(models.Model):
     """What the beat keeps per schedule: the last tick it recorded, pause, overrides, problems."""
 
-    key = models.CharField(max_length=200, primary_key=True)
+    key = models.CharField(max_length=SCHEDULE_KEY_MAX, primary_key=True)
     last_tick = models.DateTimeField(null=True, blank=True)
     paused = models.BooleanField(default=False)
     pause_note = models.TextField(blank=True, default="")

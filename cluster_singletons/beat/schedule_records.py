@@ -21,7 +21,7 @@ from datetime import datetime
 from cluster_singletons.beat.ledger import Intent, record
 from cluster_singletons.cluster import fencing
 from cluster_singletons.cluster.fencing import Term
-from cluster_singletons.models import Run, ScheduleRecord
+from cluster_singletons.models import SCHEDULE_KEY_MAX, Run, ScheduleRecord
 
 
 def paused(*, using: str) -> frozenset[str]:
@@ -47,6 +47,8 @@ def last_ticks(keys: list[str], *, using: str) -> dict[str, datetime | None]:
 def flag(problems: dict[str, str], *, at: datetime, term: Term, using: str, ttl: float) -> None:
     """Record why these schedules cannot run (key: problem) on their records and as an
     ``error`` row at ``at`` each, in one transaction fenced on ``term``."""
+    # A key too long to store is only logged (the engine did): it has no record to hold it.
+    problems = {key: text for key, text in problems.items() if len(key) <= SCHEDULE_KEY_MAX}
     intents = [
         Intent(schedule=key, tick=at, status=Run.Status.ERROR, reason=problem)
         for key, problem in problems.items()

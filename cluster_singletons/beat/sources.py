@@ -26,6 +26,7 @@ from cluster_singletons.beat import crons, periodic_tasks, timetables
 from cluster_singletons.beat.schedule import Schedule
 from cluster_singletons.beat.timetables import Cron, Every, Once, Solar, Timetable
 from cluster_singletons.errors import ScheduleInvalid, describe
+from cluster_singletons.models import SCHEDULE_KEY_MAX
 from cluster_singletons.names import OVERLAPS
 
 logger = logging.getLogger("cluster_singletons.schedules")
@@ -54,6 +55,14 @@ def load_all(
         found.update(from_periodic_tasks(using=using, previous=previous or {}))
     known = set(app.tasks.keys())
     for key, schedule in found.items():
+        if len(key) > SCHEDULE_KEY_MAX:
+            found[key] = replace(
+                schedule,
+                timetable=None,
+                problem=f"its key is {len(key)} characters, more than {SCHEDULE_KEY_MAX}",
+                source_row=(),
+            )
+            continue
         if schedule.task and not schedule.problem and schedule.task not in known:
             # Not reused by the next read (no source row): once the task exists it runs.
             found[key] = replace(

@@ -359,3 +359,18 @@ def test_a_microsecond_interval_after_a_days_downtime_is_one_capped_run(app: Cel
     assert run.ticks == MAX_TICKS
     leader.at(86_410)
     assert "periodic:good" in _dispatched(app)
+
+
+def test_the_longest_periodic_names_run_and_a_key_too_long_to_store_is_flagged_alone(
+    app: Celery,
+) -> None:
+    every = IntervalSchedule.objects.create(every=10, period=IntervalSchedule.SECONDS)
+    longest = "n" * 200  # django-celery-beat's limit: key periodic:nnn... is 209 characters
+    PeriodicTask.objects.create(name=longest, task="t.tick", interval=every, start_time=T0)
+    PeriodicTask.objects.update(date_changed=T0)
+    app.conf.beat_schedule = {"b" * 300: {"task": "t.tick", "schedule": 10}}
+    leader = Leader(app)
+    leader.at(10)
+    assert _dispatched(app) == [f"periodic:{longest}"]
+    problem = leader.engine.catalog.schedules["beat:" + "b" * 300].problem
+    assert "more than 255" in problem
