@@ -96,7 +96,9 @@ def test_an_operator_hands_a_singleton_off_from_the_dashboard(
     def shows_new_leader() -> bool:
         browser.refresh()
         row = browser.find_element(By.CSS_SELECTOR, 'tr[data-name="singleton:indexer"]')
-        return f"runner {second.runner_id}" in row.text and str(second.epoch) in row.text
+        # Not the epoch: the handoff's target holds two singletons now and placement may
+        # hand one on and take it back meanwhile (a new epoch, the same runner).
+        return f"runner {second.runner_id}" in row.text
 
     poll("the dashboard to show the new leader", shows_new_leader, timeout=30, every=0.5)
     assert not Lease.objects.get(name="singleton:indexer").handoff_requested
