@@ -27,7 +27,7 @@ import math
 import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, tzinfo
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Any, Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -97,7 +97,7 @@ class Cron:
                     return candidate
         raise ScheduleInvalid(f"cron expression {self.expression!r} yields no next time")
 
-    @property
+    @cached_property
     def follows_real_time(self) -> bool:
         """Whether the hour field is a wildcard or a step (Vixie cron's DST rule)."""
         hour = self.expression.split()[1]
