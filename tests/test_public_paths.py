@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import ast
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +13,7 @@ from django.urls import reverse
 
 import cluster_singletons
 from cluster_singletons.beat.deliveries import cancel as cancel_delivery
+from tests.fresh_interpreter import run_unconfigured
 
 pytestmark = pytest.mark.unit
 
@@ -78,9 +76,6 @@ def test_importing_the_package_and_its_beat_path_touches_no_models() -> None:
         " 'django.db.models', 'celery.beat'))]\n"
         "print(loaded)\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"}
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
-    )
+    out = run_unconfigured(code)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"

@@ -176,8 +176,11 @@ class Catalog:
         return {key: text for key, text in notes.items() if problems.get(key, "") != text}
 
     def break_(self, entry: Entry, problem: str) -> Schedule:
-        """Make ``entry``'s schedule a problem: it is planned no more until it changes."""
+        """Make ``entry``'s schedule a problem: it is planned no more until it changes.
+        Called while handling the exception that found it, whose traceback it logs."""
         schedule = _broken(entry.schedule, problem)
+        logger.exception("schedule %s cannot run: %s", schedule.key, problem)
+        self.logged.add(schedule.key)
         broken = Entry(schedule=schedule, last_tick=entry.last_tick)
         self.entries[schedule.key] = broken
         self.schedules[schedule.key] = schedule

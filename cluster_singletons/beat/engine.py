@@ -225,7 +225,6 @@ class BeatEngine:
                 intents.extend(planning.plan(entry, at, paused=paused, policy=self._policy))
             except Exception as exc:  # this schedule only: flagged, the others go on
                 problem = f"its ticks cannot be planned: {describe(exc)}"
-                logger.exception("schedule %s cannot run: %s", entry.schedule.key, problem)
                 broken.append(self.catalog.break_(entry, problem))
                 continue
             if entry.last_tick is not None and entry.last_tick != before:
@@ -252,7 +251,7 @@ class BeatEngine:
         for entry in planned:
             self.catalog.push(entry)
         if broken:
-            self._flag(broken, now, leadership.term, logged=True)
+            self._flag(broken, now, leadership.term)
         self._enqueue(pending, now, leadership)
 
     def _waits_for(self, entry: Entry) -> bool:
@@ -375,13 +374,11 @@ class BeatEngine:
             if entry is not None:
                 entry.open_run, entry.open_since = task_id, created
 
-    def _flag(
-        self, schedules: list[Schedule], now: datetime, term: Term, *, logged: bool = False
-    ) -> None:
+    def _flag(self, schedules: list[Schedule], now: datetime, term: Term) -> None:
         """Record why these schedules cannot run (one ERROR line each, unless the traceback
         was already logged)."""
         for schedule in schedules:
-            if not (logged or schedule.key in self.catalog.logged):
+            if schedule.key not in self.catalog.logged:
                 logger.error("schedule %s cannot run: %s", schedule.key, schedule.problem)
             metrics.SCHEDULE_ERRORS.labels(metrics.schedule_label(schedule.key)).inc()
         schedule_records.flag(

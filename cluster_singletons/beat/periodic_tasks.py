@@ -19,6 +19,7 @@ Statements and their invariants:
 from __future__ import annotations
 
 import functools
+import logging
 from datetime import datetime
 from typing import Any
 
@@ -28,6 +29,8 @@ from django.db.models import CharField, Count, F, Max
 from django.db.models.functions import Cast
 
 from cluster_singletons.errors import describe
+
+logger = logging.getLogger("cluster_singletons.beat")
 
 #: The columns ``rows`` reads, in order.
 FIELDS = (
@@ -100,8 +103,8 @@ def rows(*, using: str) -> tuple[list[tuple[Any, ...]], dict[str, str]]:
         return list(query.values_list(*FIELDS)), {}
     except DatabaseError:
         raise
-    except Exception:
-        pass
+    except Exception:  # one row's value: found and reported by the row-by-row read below
+        logger.warning("a django-celery-beat row cannot be read; reading them one by one")
     found: list[tuple[Any, ...]] = []
     unreadable: dict[str, str] = {}
     for pk, name in tasks.values_list("pk", "name"):

@@ -49,10 +49,10 @@ def look(
 ) -> Seen:
     """Paused keys, operators' overrides, the sources' signature, and the schedules if the
     signature differs from ``signature`` (or ``full``)."""
-    paused = schedule_records.paused(using=using)
+    paused, set_by_operators = schedule_records.operator_settings(using=using)
     overrides = {
         key: Override(overlap=overlap or None, skip_if_older_than=skip)  # type: ignore[arg-type]
-        for key, (overlap, skip) in schedule_records.overrides(using=using).items()
+        for key, (overlap, skip) in set_by_operators.items()
     }
     seen = periodic_tasks.signature(using)
     if not full and seen == signature:

@@ -3,7 +3,7 @@
 
 Statements and their invariants:
 
-- ``paused``, ``overrides``, ``problems``, ``record_keys``, ``last_ticks``: reads.
+- ``operator_settings``, ``problems``, ``record_keys``, ``last_ticks``: reads.
 - ``set_paused``: an operator's write (admin, commands), not a leader's.
 - ``flag``: fenced on the beat's term: the schedule's problem and an ``error`` row in the
   run ledger, in one transaction; a deposed leader flags nothing.
@@ -18,17 +18,12 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from django.db.models import Q
+
 from cluster_singletons.beat.ledger import Intent, record
 from cluster_singletons.cluster import fencing
 from cluster_singletons.cluster.fencing import Term
 from cluster_singletons.models import SCHEDULE_KEY_MAX, Run, ScheduleRecord
-
-
-def paused(*, using: str) -> frozenset[str]:
-    """The keys of the schedules an operator paused (a read)."""
-    rows = ScheduleRecord.objects.using(using).filter(paused=True)
-    return frozenset(rows.values_list("key", flat=True))
-
 
 #: Schedules looked up by key up to this many; more (a first load): one scan.
 _BY_KEY = 1000
@@ -94,8 +89,18 @@ def note_problems(notes: dict[str, str], *, term: Term, using: str, ttl: float) 
             rows.exclude(problem=text).update(problem=text)
 
 
-def overrides(*, using: str) -> dict[str, tuple[str, float | None]]:
-    """Operators' overrides on schedule records: key -> (overlap or "", catch-up horizon
-    or None), for the records that set either (a read)."""
-    rows = ScheduleRecord.objects.using(using).exclude(overlap="", skip_if_older_than=None)
-    return {key: (o, s) for key, o, s in rows.values_list("key", "overlap", "skip_if_older_than")}
+def operator_settings(*, using: str) -> tuple[frozenset[str], dict[str, tuple[str, float | None]]]:
+    """What operators set on schedule records, in one read: the paused keys, and the
+    overrides (key -> overlap or "", catch-up horizon or None) of records that set either."""
+    rows = ScheduleRecord.objects.using(using).filter(
+        Q(paused=True) | ~Q(overlap="") | Q(skip_if_older_than__isnull=False)
+    )
+    paused, overrides = set(), {}
+    for key, is_paused, overlap, skip in rows.values_list(
+        "key", "paused", "overlap", "skip_if_older_than"
+    ):
+        if is_paused:
+            paused.add(key)
+        if overlap or skip is not None:
+            overrides[key] = (overlap, skip)
+    return frozenset(paused), overrides

@@ -312,7 +312,7 @@ def test_paused_names_the_paused_schedules() -> None:
     schedule_records.set_paused("beat:b", "for a while", using="default")
     schedule_records.set_paused("beat:b", None, using="default")  # resumed
     _record(_intent(10, "beat:c"), last_ticks={"beat:c": _at(10)})
-    assert schedule_records.paused(using="default") == frozenset({"beat:a"})
+    assert schedule_records.operator_settings(using="default")[0] == frozenset({"beat:a"})
 
 
 def test_pending_count_counts_only_the_rows_waiting_to_be_published() -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import threading
 from collections import Counter
@@ -22,7 +21,7 @@ from cluster_singletons.snowflake.generator import (
     SnowflakeGenerator,
 )
 from cluster_singletons.snowflake.value import Snowflake
-from project.demo.localcluster import ROOT
+from tests.fresh_interpreter import run_unconfigured
 from tests.snowflake.helpers import (
     EPOCH_MS,
     START_MS,
@@ -219,10 +218,7 @@ def test_import_does_no_io_and_an_unconfigured_process_gets_a_clear_error() -> N
         "try:\n    s.generate_id()\n"
         "except Exception as exc:\n    print(type(exc).__name__, exc)\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"}
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
-    )
+    out = run_unconfigured(code)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("MachineIdUnavailable"), out.stdout
     assert "django.setup()" in out.stdout and "migrate" in out.stdout
