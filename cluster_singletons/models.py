@@ -50,6 +50,17 @@ class Runner(models.Model):
         default=False,
         help_text="Holds a PostgreSQL advisory lock while alive, so its crash is seen at once.",
     )
+    crash_detection = models.CharField(
+        max_length=300,
+        blank=True,
+        default="",
+        help_text="How its crash is detected: 'session', or why its leases fall back to expiry.",
+    )
+    clock_offset = models.FloatField(
+        null=True,
+        blank=True,
+        help_text="Database clock minus this process's wall clock, in seconds (estimated).",
+    )
 
     class Meta:
         indexes = [models.Index(fields=["last_seen"], name="cs_runner_last_seen")]
