@@ -6,9 +6,12 @@ from typing import Any
 
 from django.conf import settings as django_settings
 from django.core import checks
+from django.db import DatabaseError, connections
 from pydantic import ValidationError
 
+from cluster_singletons.cluster import crash_detection
 from cluster_singletons.conf import SETTING_NAME, parse, raw_setting
+from cluster_singletons.errors import describe
 
 _DOCS_HINT = "See the Settings section of the cluster_singletons README."
 
@@ -60,6 +63,41 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
             )
         )
     return errors
+
+
+@checks.register(checks.Tags.database)
+def check_crash_detection(
+    app_configs: Any = None, *, databases: Any = None, **kwargs: Any
+) -> list[checks.CheckMessage]:
+    """W004: ``crash_detection='auto'`` but the cluster's connection is not a direct
+    server session (a pooler), so runners will fall back to lease expiry. A database check:
+    it runs with ``check --database`` and ``migrate``."""
+    try:
+        conf = parse(raw_setting())
+    except (TypeError, ValidationError):
+        return []  # check_settings reports these
+    if not databases or conf.database not in databases or conf.crash_detection != "auto":
+        return []
+    conn = connections[conf.database]
+    if conn.vendor != "postgresql":
+        return []
+    try:
+        reason = crash_detection.probe(conn.get_connection_params())
+    except DatabaseError as exc:
+        reason = f"it could not be checked ({describe(exc)})"
+    if reason is None:
+        return []
+    return [
+        checks.Warning(
+            f"Crash detection by session is not available on database {conf.database!r}: "
+            f"{reason}. Runners fall back to lease expiry: a crashed leader's leases are "
+            f"taken over after up to 'lease_ttl' ({conf.lease_ttl}s), not at once.",
+            hint=f"Set {SETTING_NAME}['crash_detection'] = 'ttl' to say so, or point "
+            f"{SETTING_NAME}['database'] at a DATABASES alias that connects to PostgreSQL "
+            "directly (not through PgBouncer in transaction mode).",
+            id="cluster_singletons.W004",
+        )
+    ]
 
 
 def sqlite_warnings(alias: str, db: dict[str, Any]) -> list[checks.CheckMessage]:

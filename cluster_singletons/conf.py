@@ -47,8 +47,9 @@ class ClusterSettings(BaseModel):
     crash_detection: Literal["auto", "ttl"] = Field(
         "auto",
         description=(
-            "'auto': on PostgreSQL a crashed holder is detected by its lost connection; "
-            "'ttl': wait for lease expiry (use behind a transaction-pooling PgBouncer)."
+            "'auto': on PostgreSQL a crashed holder is detected by its lost session, once "
+            "the session is proven direct (behind a pooler: lease expiry, with a warning); "
+            "'ttl': always wait for lease expiry."
         ),
     )
     runner_forget_after: float = Field(

@@ -10,6 +10,7 @@ from pydantic import BaseModel
 
 from cluster_singletons.singletons import registry
 from cluster_singletons.singletons.state import StateStore
+from tests.pgbouncer import PgBouncer
 
 # Property tests: a few examples in ``make test``, many in CI (HYPOTHESIS_PROFILE=ci).
 hypothesis_settings.register_profile("dev", max_examples=8)
@@ -59,3 +60,15 @@ def progress(isolated_registry: None) -> StateStore[Progress]:
     store.load()
     store.save(Progress(cursor=7))
     return store
+
+
+@pytest.fixture(scope="session")
+def pgbouncer() -> Iterator[PgBouncer]:
+    """A PgBouncer in transaction mode in front of the test's PostgreSQL (PostgreSQL only)."""
+    if connection.vendor != "postgresql":
+        pytest.skip("PgBouncer sits in front of PostgreSQL")
+    db = connection.settings_dict
+    bouncer = PgBouncer((db["HOST"] or "127.0.0.1", int(db["PORT"] or 5432)), user=db["USER"])
+    bouncer.start()
+    yield bouncer
+    bouncer.close()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from django.db import transaction
 from django.db.models import Q
 
 from cluster_singletons.beat.ledger import Intent, record
@@ -27,6 +28,7 @@ from cluster_singletons.models import SCHEDULE_KEY_MAX, Run, ScheduleRecord
 
 #: Schedules looked up by key up to this many; more (a first load): one scan.
 _BY_KEY = 1000
+_CHUNK = 10_000
 
 
 def last_ticks(keys: list[str], *, using: str) -> dict[str, datetime | None]:
@@ -34,8 +36,9 @@ def last_ticks(keys: list[str], *, using: str) -> dict[str, datetime | None]:
     records = ScheduleRecord.objects.using(using)
     if len(keys) > _BY_KEY:  # one scan beats thousands of IN lists
         wanted = set(keys)
-        rows = records.values_list("key", "last_tick").iterator(chunk_size=10_000)
-        return {key: tick for key, tick in rows if key in wanted}
+        with _scanning(using):
+            rows = records.values_list("key", "last_tick").iterator(chunk_size=_CHUNK)
+            return {key: tick for key, tick in rows if key in wanted}
     return dict(records.filter(key__in=keys).values_list("key", "last_tick"))
 
 
@@ -74,7 +77,15 @@ def problems(*, using: str) -> dict[str, str]:
 def record_keys(*, using: str) -> set[str]:
     """Every schedule key with a record (a read, at the start of a term)."""
     rows = ScheduleRecord.objects.using(using).values_list("key", flat=True)
-    return set(rows.iterator(chunk_size=10_000))
+    with _scanning(using):
+        return set(rows.iterator(chunk_size=_CHUNK))
+
+
+def _scanning(using: str) -> transaction.Atomic:
+    """A scan in chunks uses a server-side cursor on PostgreSQL, which lives only as long
+    as its transaction: in autocommit a transaction-pooling PgBouncer may run each fetch on
+    another server connection ("portal ... does not exist"). So scans run in one."""
+    return transaction.atomic(using=using)
 
 
 def note_problems(notes: dict[str, str], *, term: Term, using: str, ttl: float) -> None:

@@ -80,8 +80,7 @@ class Coordinator:
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
         self._crash = CrashDetection(
-            wanted=self.settings.crash_detection == "auto"
-            and connections[self.using].vendor == "postgresql",
+            setting=self.settings.crash_detection,
             using=self.using,
             on_release=self._on_release,
         )

@@ -5,12 +5,25 @@ When the process dies the server drops the session and the lock with it, which l
 standbys take the dead runner's leases before they expire (see ``leases.acquire``).
 The same session LISTENs for lease releases so standbys act on a handoff at once.
 
-Behind a transaction-pooling PgBouncer neither a session lock nor LISTEN means anything;
-set ``crash_detection='ttl'`` there and leases fall back to expiry.
+That is only true of a direct, stable server session. Behind a pooler in transaction
+mode (PgBouncer, and most poolers and proxies that multiplex), the lock lives on
+whichever server connection ran ``pg_advisory_lock`` and vanishes when the pooler
+recycles it, while the runner lives on. So the session is used only once it is proven
+direct, and re-proven on every check:
 
-Statements: ``pg_advisory_lock``, ``LISTEN`` and ``SELECT 1`` on the liveness session
-(``membership.runner_is_gone`` is the condition the stores read off that lock). Nothing
-here writes a table but through ``membership``, so nothing needs fencing.
+- the backend the server says we are (``pg_backend_pid()``) is the one the connection's
+  startup named (its cancel key): a pooler hands its clients keys of its own;
+- the lock is held by that backend, granted.
+
+A session that fails the proof is closed and the runner falls back to lease expiry
+(``CrashDetection.how`` says why; its registration says so, which ``cluster_status`` and
+the ``W004`` system check show): its leases are taken over only once they expire, so a
+pooler never deposes a live leader. A 1:1 TCP proxy or NAT keeps the proof (the session
+stays one server session), and only makes a crash seen once the proxy drops it.
+
+Statements: ``pg_backend_pid()``, ``pg_advisory_lock``, ``LISTEN`` and the proof on the
+liveness session (``membership.runner_is_gone`` is the condition the stores read off that
+lock). Nothing here writes a table but through ``membership``, so nothing needs fencing.
 """
 
 from __future__ import annotations
@@ -32,33 +45,85 @@ logger = logging.getLogger("cluster_singletons.runner")
 #: PostgreSQL channel on which releases are announced, so standbys act at once.
 RELEASE_CHANNEL = "cluster_singletons_release"
 
+#: What a runner's registration says when its session is the proven liveness session.
+SESSION = "session"
+
+#: True while this session's own backend holds the runner's lock.
+_HOLDS_LOCK = f"""SELECT pg_backend_pid() = %(pid)s AND EXISTS (
+    SELECT 1 FROM pg_locks
+    WHERE locktype = 'advisory' AND granted AND pid = pg_backend_pid() AND objsubid = 2
+      AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+      AND classid = {LIVENESS_LOCK_NAMESPACE}::oid AND objid = %(runner)s::oid)"""
+
+
+class NotDirect(Exception):
+    """The session is not a direct, stable server session; ``str()`` says why."""
+
+
+def indirect_reason(conn: psycopg.Connection[Any]) -> str | None:
+    """Why ``conn`` is not a direct server session, or None if it is."""
+    server = conn.execute("SELECT pg_backend_pid()").fetchone()
+    pid = server[0] if server else None
+    if pid != conn.info.backend_pid:
+        return (
+            f"the connection goes through a pooler or proxy (the server runs it in backend "
+            f"{pid}, the connection was handed key {conn.info.backend_pid})"
+        )
+    return None
+
+
+def probe(params: dict[str, Any]) -> str | None:
+    """Open a session with ``params`` as the liveness session would: why it would not be
+    direct, or None. Database errors raise Django's ``OperationalError``."""
+    try:
+        with psycopg.connect(**params, autocommit=True) as conn:
+            return indirect_reason(conn)
+    except psycopg.Error as exc:
+        raise OperationalError(describe(exc)) from exc
+
 
 class Liveness:
-    """Owns the liveness session; ``lost`` is set when the session (and the lock) is gone."""
+    """Owns the liveness session; ``lost`` is set when the session (and the lock) is gone,
+    or when the lock is no longer held by the session's own backend."""
 
-    def __init__(self, *, using: str, runner_id: int, on_release: Callable[[], None]) -> None:
-        self._using = using
+    def __init__(
+        self,
+        *,
+        params: dict[str, Any],
+        runner_id: int,
+        on_release: Callable[[], None],
+        check_every: float = 1.0,
+    ) -> None:
+        self._params = params
         self._runner_id = runner_id
         self._on_release = on_release
+        self._check_every = check_every
         self._conn: psycopg.Connection[Any] | None = None
         self._thread: threading.Thread | None = None
         self._closing = threading.Event()
         self.lost = threading.Event()
 
     def start(self) -> None:
-        """Open the session, take the lock (never contended: runner ids are unique), LISTEN.
+        """Open the session, prove it direct, take the lock (never contended: runner ids
+        are unique), prove the lock is ours, LISTEN.
 
-        Failures raise Django's ``OperationalError``, like every other database error the
+        Raises ``NotDirect`` when the proof fails (nothing is left open), and Django's
+        ``OperationalError`` for database errors, like every other database error the
         runner paces with backoff, not psycopg's own."""
-        params = connections[self._using].get_connection_params()
         try:
-            conn = psycopg.connect(**params, autocommit=True)
+            conn = psycopg.connect(**self._params, autocommit=True)
         except psycopg.Error as exc:
             raise OperationalError(describe(exc)) from exc
         try:
-            conn.execute(
-                "SELECT pg_advisory_lock(%s, %s)", [LIVENESS_LOCK_NAMESPACE, self._runner_id]
-            )
+            reason = indirect_reason(conn)
+            if reason is None:
+                conn.execute(
+                    "SELECT pg_advisory_lock(%s, %s)", [LIVENESS_LOCK_NAMESPACE, self._runner_id]
+                )
+                if not self._holds_lock(conn):
+                    reason = "the lock taken was not held by the session's own backend"
+            if reason is not None:
+                raise NotDirect(reason)
             conn.execute(f"LISTEN {RELEASE_CHANNEL}")
         except psycopg.Error as exc:
             conn.close()
@@ -70,15 +135,28 @@ class Liveness:
         self._thread = threading.Thread(target=self._listen, name="cluster-liveness", daemon=True)
         self._thread.start()
 
+    def _holds_lock(self, conn: psycopg.Connection[Any]) -> bool:
+        row = conn.execute(
+            _HOLDS_LOCK, {"pid": conn.info.backend_pid, "runner": self._runner_id}
+        ).fetchone()
+        return bool(row and row[0])
+
     def _listen(self) -> None:
         conn = self._conn
         assert conn is not None
         try:
             while not self._closing.is_set():
-                for _ in conn.notifies(timeout=1.0):
+                for _ in conn.notifies(timeout=self._check_every):
                     self._on_release()
-                # Prove the session is still there even when nothing is announced.
-                conn.execute("SELECT 1")
+                # Prove the session is still there, and still ours, even when nothing is
+                # announced.
+                if not self._holds_lock(conn) and not self._closing.is_set():
+                    logger.warning(
+                        "liveness session of runner %s no longer holds its lock; leases "
+                        "will be stepped down",
+                        self._runner_id,
+                    )
+                    return
         except Exception as exc:
             if not self._closing.is_set():
                 logger.warning(
@@ -98,10 +176,17 @@ class Liveness:
 
 class CrashDetection:
     """One runner's crash detection: its liveness session while it is wanted (PostgreSQL
-    with ``crash_detection='auto'``), and when to try again after the session was lost."""
+    with ``crash_detection='auto'``, until the session fails the proof), and when to try
+    again after the session was lost. ``how`` is what the registration says."""
 
-    def __init__(self, *, wanted: bool, using: str, on_release: Callable[[], None]) -> None:
-        self.wanted = wanted
+    def __init__(self, *, setting: str, using: str, on_release: Callable[[], None]) -> None:
+        vendor = connections[using].vendor
+        self.wanted = setting == "auto" and vendor == "postgresql"
+        self.how = SESSION
+        if setting != "auto":
+            self.how = f"expiry: crash_detection is {setting!r}"
+        elif not self.wanted:
+            self.how = f"expiry: {vendor} has no sessions to watch"
         self._using = using
         self._on_release = on_release
         self._session: Liveness | None = None
@@ -126,18 +211,34 @@ class CrashDetection:
         return self.wanted and self._session is None and now >= self.retry
 
     def start(self, runner_id: int) -> None:
-        """Open the session, take the lock, and record in the registration that this runner
-        holds one (nothing if not wanted). Database errors propagate; nothing is left open."""
-        if not self.wanted:
-            return
-        session = Liveness(using=self._using, runner_id=runner_id, on_release=self._on_release)
-        session.start()
+        """Open the session (if wanted) and record in the registration how this runner's
+        crash is detected. A session that fails the proof makes this runner fall back to
+        expiry for good, with one warning. Database errors propagate; nothing is left open."""
+        session = None
+        if self.wanted:
+            params = connections[self._using].get_connection_params()
+            session = Liveness(params=params, runner_id=runner_id, on_release=self._on_release)
+            try:
+                session.start()
+            except NotDirect as exc:
+                session, self.wanted, self.how = None, False, f"expiry: {exc}"
+                logger.warning(
+                    "runner %s: crash detection falls back to lease expiry: %s. Its leases "
+                    "are taken over only once they expire; set crash_detection='ttl' to say "
+                    "so, or point 'database' at an alias that connects directly.",
+                    runner_id,
+                    exc,
+                )
         try:
-            membership.set_liveness_lock(runner_id, True, using=self._using)
+            membership.set_crash_detection(
+                runner_id, lock=session is not None, how=self.how, using=self._using
+            )
         except BaseException:
-            session.close()
+            if session is not None:
+                session.close()
             raise
-        self._session, self.retry = session, float("inf")
+        if session is not None:
+            self._session, self.retry = session, float("inf")
 
     def close(self, now: float) -> None:
         """Close the session (if any); try to open one again from ``now``."""

@@ -7,7 +7,7 @@ Invariants:
   seen for ``runner_forget_after``, by any runner; a deleted registration releases nothing
   by itself (its leases expire or are taken over as usual).
 - No write here is fenced: each touches only the writer's own registration (``touch``,
-  ``mark_stopping``, ``set_liveness_lock``, ``deregister``) or registrations long dead
+  ``mark_stopping``, ``set_crash_detection``, ``deregister``) or registrations long dead
   (``forget_stale``), and none decides who leads: leases do.
 
 ``live_view``, ``counts`` and ``rows`` are reads.
@@ -26,6 +26,7 @@ from cluster_singletons.models import Runner
 
 #: Advisory-lock namespace (first key of ``pg_advisory_lock(int, int)``): "CSRL".
 LIVENESS_LOCK_NAMESPACE = 0x4353524C & 0x7FFFFFFF
+HOW_MAX = Runner._meta.get_field("crash_detection").max_length or 300
 
 
 def runner_is_gone(runner: str) -> RawSQL:
@@ -52,9 +53,12 @@ def touch(runner_id: int, *, using: str) -> bool:
     return bool(Runner.objects.using(using).filter(pk=runner_id).update(last_seen=Now()))
 
 
-def set_liveness_lock(runner_id: int, held: bool, *, using: str) -> None:
-    """Record whether this runner holds its PostgreSQL liveness lock."""
-    Runner.objects.using(using).filter(pk=runner_id).update(liveness_lock=held)
+def set_crash_detection(runner_id: int, *, lock: bool, how: str, using: str) -> None:
+    """Record whether this runner holds its PostgreSQL liveness lock, and how its crash is
+    detected (``"session"``, or ``"expiry: "`` and why)."""
+    Runner.objects.using(using).filter(pk=runner_id).update(
+        liveness_lock=lock, crash_detection=how[:HOW_MAX]
+    )
 
 
 def mark_stopping(runner_id: int, *, using: str) -> None:

@@ -37,13 +37,15 @@ def poll(what: str, probe: Callable[[], T | None], *, timeout: float, every: flo
         time.sleep(every)
 
 
-def database_url() -> str:
-    """The URL of the database this test process uses (the test database)."""
+def database_url(*, port: int | None = None) -> str:
+    """The URL of the database this test process uses (the test database); with ``port``,
+    through the pooler or proxy listening there on 127.0.0.1."""
     db = connection.settings_dict
     if connection.vendor == "sqlite":
         return f"sqlite:///{Path(db['NAME']).resolve()}"
     auth = db["USER"] + (f":{db['PASSWORD']}" if db["PASSWORD"] else "")
-    return f"postgres://{auth}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
+    where = f"127.0.0.1:{port}" if port else f"{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}"
+    return f"postgres://{auth}@{where}/{db['NAME']}"
 
 
 @dataclass

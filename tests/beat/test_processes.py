@@ -156,8 +156,7 @@ def test_the_leader_stops_while_the_database_is_down_and_catches_up_after(
     settings = connection.settings_dict
     proxy = TcpProxy((settings["HOST"] or "127.0.0.1", int(settings["PORT"] or 5432)))
     proxy.restore()
-    url = database_url().replace(f":{settings['PORT'] or 5432}/", f":{proxy.port}/")
-    cluster = Cluster(tmp_path, SETTINGS, env={"DATABASE_URL": url})
+    cluster = Cluster(tmp_path, SETTINGS, env={"DATABASE_URL": database_url(port=proxy.port)})
     queue = f"outage-{uuid.uuid4().hex[:8]}"
     every = IntervalSchedule.objects.create(every=1, period=IntervalSchedule.SECONDS)
     PeriodicTask.objects.create(name="each-second", task="demo.ping", interval=every, queue=queue)

@@ -14,8 +14,9 @@ import pytest
 from django.db import connection
 
 from cluster_singletons.models import Lease, Runner
-from project.demo.localcluster import ROOT, Cluster, poll
+from project.demo.localcluster import ROOT, Cluster, database_url, poll
 from project.demo.models import FencedWrite
+from tests.pgbouncer import PgBouncer
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.django_db(transaction=True)]
 
@@ -217,3 +218,40 @@ def test_postgres_leader_that_loses_its_session_steps_down_and_a_standby_takes_o
         timeout=15,
     )
     assert node.process.poll() is None
+
+
+@pytest.mark.postgres
+def test_behind_pgbouncer_with_default_settings_no_live_leader_is_deposed(
+    cluster_factory: type[Cluster], pgbouncer: PgBouncer
+) -> None:
+    """PgBouncer in transaction mode recycles the server connection a session lock lives
+    on; "auto" must notice it cannot prove a direct session and fall back to expiry, so no
+    leadership changes while every runner lives."""
+    quiet = float(os.environ.get("CLUSTER_POOLER_QUIET_SECONDS", "60"))
+    cluster = cluster_factory({}, env={"DATABASE_URL": database_url(port=pgbouncer.port)})
+    cluster.start(3)
+    cluster.wait_for_leader()
+    poll(
+        "every lease to be led", lambda: not Lease.objects.filter(holder=None).exists(), timeout=30
+    )
+    # Placement hands singletons to the runners that joined after the first took them all.
+    poll(
+        "the singletons to spread",
+        lambda: (
+            max(cluster.holders("singleton:").values(), default=2) <= 1
+            and sum(cluster.holders("singleton:").values()) == 2
+        ),
+        timeout=60,
+    )
+    before = dict(Lease.objects.values_list("name", "epoch"))
+    deadline = time.monotonic() + quiet
+    while time.monotonic() < deadline:
+        now = dict(Lease.objects.values_list("name", "epoch"))
+        assert now == before, f"leadership changed without a fault\n{cluster.logs()[-6000:]}"
+        time.sleep(0.2)
+    for runner in Runner.objects.filter(pid__in=[node.pid for node in cluster.nodes]):
+        assert runner.crash_detection.startswith("expiry: the connection goes through a pooler")
+        assert not runner.liveness_lock
+    for node in cluster.nodes:
+        assert node.text().count("crash detection falls back to lease expiry") == 1
+        assert "Traceback" not in node.text(), node.text()

@@ -122,7 +122,7 @@ def test_postgres_takes_lease_of_a_holder_whose_session_died(lease: str) -> None
     params = connection.get_connection_params()
     session = psycopg.connect(**params, autocommit=True)
     session.execute("SELECT pg_advisory_lock(%s, %s)", [membership.LIVENESS_LOCK_NAMESPACE, dead])
-    membership.set_liveness_lock(dead, True, using=USING)
+    membership.set_crash_detection(dead, lock=True, how="session", using=USING)
     assert leases.acquire(lease, dead, ttl=TTL, using=USING)
     assert leases.acquire(lease, standby, ttl=TTL, using=USING, crash_detection=True) is None
     session.close()  # the holder's process is gone

@@ -40,6 +40,22 @@ def test_cluster_status_table_json_and_exit_status() -> None:
     assert body["checks"][0]["status"] == "not_led"
 
 
+def test_cluster_status_says_how_each_runner_s_crash_is_detected() -> None:
+    direct = membership.register(host="a", pid=1, kind="runcluster", using="default")
+    pooled = membership.register(host="b", pid=2, kind="runcluster", using="default")
+    membership.set_crash_detection(direct, lock=True, how="session", using="default")
+    reason = "expiry: the connection goes through a pooler or proxy (...)"
+    membership.set_crash_detection(pooled, lock=False, how=reason, using="default")
+    with pytest.raises(SystemExit):
+        call_command("cluster_status", stdout=(out := StringIO()))
+    assert "crash detected by session" in out.getvalue()
+    assert f"crash detected by {reason}" in out.getvalue()
+    with pytest.raises(SystemExit):
+        call_command("cluster_status", "--json", stdout=(out := StringIO()))
+    runners = {r["id"]: r for r in json.loads(out.getvalue())["runners"]}
+    assert runners[pooled]["crash_detection"] == reason
+
+
 def test_unknown_singletons_exit_2() -> None:
     for args in (
         ("singleton_reset", "nope", "--yes"),

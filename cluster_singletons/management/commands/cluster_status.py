@@ -12,7 +12,16 @@ from cluster_singletons.conf import get_settings
 from cluster_singletons.health.report import Report, cluster_health
 from cluster_singletons.management.base import clear_errors
 
-_RUNNER_COLUMNS = ("id", "host", "pid", "kind", "started_at", "last_seen", "stopping")
+_RUNNER_COLUMNS = (
+    "id",
+    "host",
+    "pid",
+    "kind",
+    "started_at",
+    "last_seen",
+    "stopping",
+    "crash_detection",
+)
 
 
 class Command(BaseCommand):
@@ -59,6 +68,8 @@ class Command(BaseCommand):
             stopping = " stopping" if r["stopping"] else ""
             where = f"{r['host']}:{r['pid']}"
             say(f"  {r['id']:>4} {r['kind']:10} {where} seen {r['last_seen']}{stopping}")
+            if r["crash_detection"]:
+                say(f"       crash detected by {r['crash_detection']}")
         say("\nleases:")
         for lease in leases:
             holder = lease["holder_id"] or "-"

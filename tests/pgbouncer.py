@@ -1,0 +1,106 @@
+"""A real PgBouncer for tests: transaction pooling, server connections recycled within
+seconds (as ``server_lifetime`` / ``server_idle_timeout`` do in production), default
+settings otherwise.
+
+Debian's ``pgbouncer`` must be installed (``.ci/run`` installs it); without it the tests
+that need it are skipped, unless ``CLUSTER_REQUIRE_PGBOUNCER=1`` makes that an error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+_CONFIG = """\
+[databases]
+* = host={host} port={port}
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {listen}
+unix_socket_dir =
+auth_type = trust
+auth_file = {auth}
+pool_mode = transaction
+server_lifetime = {lifetime}
+server_idle_timeout = {lifetime}
+max_client_conn = 500
+default_pool_size = 20
+ignore_startup_parameters = extra_float_digits
+"""
+
+
+def binary() -> str:
+    """The pgbouncer executable, or skip (fail in CI) when it is not installed."""
+    found = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin")
+    if found is None:
+        if os.environ.get("CLUSTER_REQUIRE_PGBOUNCER") == "1":
+            raise RuntimeError("CLUSTER_REQUIRE_PGBOUNCER=1 but pgbouncer is not installed")
+        pytest.skip("pgbouncer is not installed (apt-get install pgbouncer)")
+    return found
+
+
+class PgBouncer:
+    """One PgBouncer process in front of ``upstream``; ``stop()``/``start()`` restart it
+    on the same port."""
+
+    def __init__(self, upstream: tuple[str, int], *, user: str, lifetime: int = 1) -> None:
+        self.executable = binary()
+        self.dir = Path(tempfile.mkdtemp(prefix="cs-pgbouncer-"))
+        # PgBouncer refuses to run as root; it then runs as the database's OS user.
+        self.dir.chmod(0o755)
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port: int = probe.getsockname()[1]
+        auth = self.dir / "users.txt"
+        auth.write_text(f'"{user}" ""\n')
+        self.config = self.dir / "pgbouncer.ini"
+        self.config.write_text(
+            _CONFIG.format(
+                host=upstream[0],
+                port=upstream[1],
+                listen=self.port,
+                auth=auth,
+                lifetime=lifetime,
+            )
+        )
+        self.log = self.dir / "pgbouncer.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        args = [self.executable]
+        if os.geteuid() == 0:
+            args += ["-u", "postgres"]
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(
+                [*args, str(self.config)], stdout=out, stderr=subprocess.STDOUT
+            )
+        deadline = time.monotonic() + 10
+        while True:
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2),
+            ):
+                return
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"pgbouncer did not start:\n{self.log.read_text()}")
+            time.sleep(0.05)
+
+    def stop(self, how: signal.Signals = signal.SIGKILL) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(how)
+            self.process.wait(10)
+        self.process = None
+
+    def close(self) -> None:
+        self.stop(signal.SIGTERM)
+        shutil.rmtree(self.dir, ignore_errors=True)
