@@ -104,3 +104,23 @@ class PgBouncer:
     def close(self) -> None:
         self.stop(signal.SIGTERM)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def main() -> None:
+    """``python -m tests.pgbouncer PORTFILE``: run one in front of 127.0.0.1:5432 until
+    killed (SIGTERM), writing its port to PORTFILE once it accepts connections."""
+    import sys
+
+    bouncer = PgBouncer(("127.0.0.1", 5432), user="postgres")
+    bouncer.start()
+    Path(sys.argv[1]).write_text(str(bouncer.port))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        assert bouncer.process is not None
+        bouncer.process.wait()
+    finally:
+        bouncer.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -12,7 +12,6 @@ import signal
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -37,23 +36,18 @@ SETTINGS = {
 }
 
 
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    started = Cluster(tmp_path, SETTINGS)
-    yield started
-    started.stop()
-
-
 def _chaos(cluster: Cluster, seconds: float, signals: list[signal.Signals]) -> int:
     """Every ~10 s kill or pause the beat leader; keep three beats. Returns the kills."""
     rng = random.Random(7)
     deadline = time.monotonic() + seconds
     disruptions = 0
+    last: Leader | None = None
     while time.monotonic() < deadline:
         time.sleep(min(rng.uniform(8, 12), max(0.0, deadline - time.monotonic())))
         if time.monotonic() >= deadline:
             break
-        leader = cluster.wait_for_leader()
+        # Not the one disrupted last: behind a pooler its lease outlives it by the TTL.
+        leader = last = cluster.wait_for_leader(other_than=last)
         how = signals[disruptions % len(signals)]
         cluster.signal(leader.pid, how)
         disruptions += 1
@@ -73,7 +67,18 @@ def _replace(cluster: Cluster, leader: Leader, how: signal.Signals) -> None:
         os.kill(leader.pid, signal.SIGCONT)
 
 
-def test_every_tick_is_dispatched_once_while_leaders_die(cluster: Cluster) -> None:
+@pytest.mark.parametrize("via", ["direct", "pgbouncer"])
+def test_every_tick_is_dispatched_once_while_leaders_die(
+    via: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """Three beats on the database directly with fast leases, or through PgBouncer in
+    transaction mode with the default settings (no worker runs: dispatch regardless)."""
+    if via == "direct":
+        cluster = Cluster(tmp_path, SETTINGS)
+    else:
+        url = database_url(port=request.getfixturevalue("pgbouncer").port)
+        cluster = Cluster(tmp_path, {"overlap": "allow_all"}, env={"DATABASE_URL": url})
+    request.addfinalizer(cluster.stop)
     queue = f"chaos-{uuid.uuid4().hex[:8]}"
     every = IntervalSchedule.objects.create(every=1, period=IntervalSchedule.SECONDS)
     minute = CrontabSchedule.objects.create(minute="*", timezone="UTC")
@@ -104,8 +109,13 @@ def test_every_tick_is_dispatched_once_while_leaders_die(cluster: Cluster) -> No
     # than leaders were disrupted.
     repeats = sum(n - 1 for n in by_id.values())
     assert repeats <= disruptions, by_id.most_common(3)
-    assert disruptions >= (10 if postgres else 3)
-    assert sum(1 for r in runs.values() if r.schedule == "periodic:each-second") >= seconds / 2
+    # Behind the pooler a takeover waits for the default TTL (10 s) after each disruption.
+    assert disruptions >= (5 if via == "pgbouncer" else 10 if postgres else 3)
+    assert "Traceback" not in cluster.logs(), cluster.logs()[-6000:]
+    each_second = sum(1 for r in runs.values() if r.schedule == "periodic:each-second")
+    print(f"chaos {via}: {disruptions} disruptions, {repeats} repeats, {each_second} runs")
+    # Ticks missed during a takeover are coalesced into one run: fewer runs, longer ones.
+    assert each_second >= seconds / (4 if via == "pgbouncer" else 2)
 
 
 def _wait_published_through(moment: datetime) -> None:

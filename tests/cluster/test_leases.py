@@ -8,7 +8,7 @@ import pytest
 from django.db import connection
 from django.db.models.functions import Now
 
-from cluster_singletons.cluster import fencing, leases, membership
+from cluster_singletons.cluster import crash_detection, fencing, leases, membership
 from cluster_singletons.models import Lease
 
 pytestmark = [pytest.mark.db, pytest.mark.django_db(transaction=True)]
@@ -120,6 +120,8 @@ def test_postgres_takes_lease_of_a_holder_whose_session_died(lease: str) -> None
 
     dead, standby = _runner(), _runner()
     params = connection.get_connection_params()
+    if crash_detection.probe(params) is not None:
+        pytest.skip("a session lock means nothing through a pooler (CI runs this directly too)")
     session = psycopg.connect(**params, autocommit=True)
     session.execute("SELECT pg_advisory_lock(%s, %s)", [membership.LIVENESS_LOCK_NAMESPACE, dead])
     membership.set_crash_detection(dead, lock=True, how="session", using=USING)
