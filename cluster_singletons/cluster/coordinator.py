@@ -186,14 +186,17 @@ class Coordinator:
         """One read finds which due leases are takeable, so standing by costs one query per
         poll, not one per lease; only those are tried."""
         assert self.runner_id is not None
+        free: set[str] = set()
         with self._db("poll") as attempt:
-            free = leases.takeable(
+            standing = leases.takeable(
                 [slot.name for slot in due],
                 runner_id=self.runner_id,
                 ttl=self.settings.lease_ttl,
                 crash_detection=self._crash.active,
                 using=self.using,
             )
+            free = standing.free
+            self._crash.follow(standing.watched)
         for slot in due:
             if attempt.failed:
                 slot.next_acquire = now + attempt.delay

@@ -52,6 +52,7 @@ SESSION = "session"
 _HOLDS_LOCK = f"""SELECT pg_backend_pid() = %(pid)s AND EXISTS (
     SELECT 1 FROM pg_locks
     WHERE locktype = 'advisory' AND granted AND pid = pg_backend_pid() AND objsubid = 2
+      AND mode = 'ExclusiveLock'
       AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
       AND classid = {LIVENESS_LOCK_NAMESPACE}::oid AND objid = %(runner)s::oid)"""
 
@@ -174,6 +175,77 @@ class Liveness:
             self._conn.close()
 
 
+class Watch:
+    """Standbys learn of a dead holder when the server does, not at their next poll.
+
+    For each holder it is told to follow, a thread on a direct session of its own asks for
+    the holder's liveness lock, shared, and waits (in ``wait`` slices, so it can be told to
+    stop). The server grants it the moment the holder's session ends; the thread lets go
+    at once (only the holder's exclusive lock counts as alive) and calls ``on_gone``.
+    Failures are logged and retried after ``wait``; they only cost speed, never safety:
+    the takeover itself is still ``leases.acquire``'s conditional statement.
+    """
+
+    def __init__(
+        self, *, params: dict[str, Any], on_gone: Callable[[], None], wait: float = 1.0
+    ) -> None:
+        self._params = params
+        self._on_gone = on_gone
+        self._wait = wait
+        self._following: dict[int, threading.Event] = {}
+        #: Holders seen gone: runner ids are never reused, so they are not watched again.
+        self._gone: set[int] = set()
+
+    @property
+    def following(self) -> set[int]:
+        """The holders being watched now."""
+        return set(self._following) - self._gone
+
+    def follow(self, holders: set[int]) -> None:
+        """Also watch ``holders`` (but those already seen gone). A holder is watched until
+        its lock is freed: one session per live runner holding a lease this runner stands
+        for, whatever it holds meanwhile."""
+        for holder in holders - self._gone - set(self._following):
+            done = self._following[holder] = threading.Event()
+            threading.Thread(
+                target=self._watch, args=(holder, done), name=f"cluster-watch-{holder}", daemon=True
+            ).start()
+
+    def close(self) -> None:
+        for done in self._following.values():
+            done.set()
+        self._following = {}
+
+    def _watch(self, holder: int, done: threading.Event) -> None:
+        while not done.is_set():
+            try:
+                if self._wait_for(holder, done):
+                    logger.info("runner %s's liveness lock was freed", holder)
+                    self._gone.add(holder)
+                    self._on_gone()
+                    return
+            except Exception as exc:  # never silent; retried, costs only speed
+                logger.warning("watching runner %s failed (%s); retrying", holder, describe(exc))
+                done.wait(self._wait)
+
+    def _wait_for(self, holder: int, done: threading.Event) -> bool:
+        """True once ``holder``'s lock was free; False if told to stop first."""
+        with psycopg.connect(**self._params, autocommit=True) as conn:
+            conn.execute(f"SET lock_timeout = {max(1, int(self._wait * 1000))}")
+            while not done.is_set():
+                try:
+                    conn.execute(
+                        "SELECT pg_advisory_lock_shared(%s, %s)", [LIVENESS_LOCK_NAMESPACE, holder]
+                    )
+                except psycopg.errors.LockNotAvailable:
+                    continue
+                conn.execute(
+                    "SELECT pg_advisory_unlock_shared(%s, %s)", [LIVENESS_LOCK_NAMESPACE, holder]
+                )
+                return True
+        return False
+
+
 class CrashDetection:
     """One runner's crash detection: its liveness session while it is wanted (PostgreSQL
     with ``crash_detection='auto'``, until the session fails the proof), and when to try
@@ -190,6 +262,7 @@ class CrashDetection:
         self._using = using
         self._on_release = on_release
         self._session: Liveness | None = None
+        self._watch: Watch | None = None
         #: When to open a lost session again (monotonic; infinity: not needed).
         self.retry = float("inf")
 
@@ -239,10 +312,18 @@ class CrashDetection:
             raise
         if session is not None:
             self._session, self.retry = session, float("inf")
+            self._watch = Watch(params=params, on_gone=self._on_release)
+
+    def follow(self, holders: set[int]) -> None:
+        """Learn of these holders' crashes when the server does (while the session is up)."""
+        if self._watch is not None:
+            self._watch.follow(holders)
 
     def close(self, now: float) -> None:
-        """Close the session (if any); try to open one again from ``now``."""
+        """Close the session and the watch (if any); try to open one again from ``now``."""
         if self._session is not None:
             self._session.close()
-        self._session = None
+        if self._watch is not None:
+            self._watch.close()
+        self._session, self._watch = None, None
         self.retry = now

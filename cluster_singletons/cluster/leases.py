@@ -25,6 +25,7 @@ import datetime as dt
 import functools
 import operator
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from django.db import connections
@@ -79,14 +80,39 @@ def _not_handed_off_by(runner_id: int, ttl: float) -> Q:
     return ~Q(handed_off_by=runner_id) | Q(expires_at__lte=a_ttl_ago)
 
 
+@dataclass(frozen=True)
+class Standing:
+    """What a standby learns from one poll of the leases it stands for."""
+
+    #: The names ``acquire`` could take now (the answer may be stale).
+    free: set[str]
+    #: Holders of the others that hold a liveness lock: their crash is seen by session.
+    watched: set[int]
+
+
 def takeable(
     names: Iterable[str], *, runner_id: int, ttl: float, crash_detection: bool, using: str
-) -> set[str]:
-    """Which of ``names`` ``acquire`` could take now (a read; the answer may be stale)."""
-    found = Lease.objects.using(using).filter(
-        _takeable(crash_detection), _not_handed_off_by(runner_id, ttl), name__in=list(names)
+) -> Standing:
+    """Which of ``names`` ``acquire`` could take now, and whom to watch for the others
+    (one read)."""
+    rows = (
+        Lease.objects.using(using)
+        .filter(name__in=list(names))
+        .annotate(
+            takeable=ExpressionWrapper(
+                _takeable(crash_detection) & _not_handed_off_by(runner_id, ttl),
+                output_field=BooleanField(),
+            )
+        )
+        .values_list("name", "takeable", "holder_id", "holder__liveness_lock")
     )
-    return set(found.values_list("name", flat=True))
+    free, watched = set(), set()
+    for name, can_take, holder, lock in rows:
+        if can_take:
+            free.add(name)
+        elif holder is not None and holder != runner_id and lock:
+            watched.add(holder)
+    return Standing(free=free, watched=watched)
 
 
 def acquire(

@@ -31,11 +31,13 @@ HOW_MAX = Runner._meta.get_field("crash_detection").max_length or 300
 
 def runner_is_gone(runner: str) -> RawSQL:
     """PostgreSQL: true when runner row alias ``runner`` registered a liveness lock that no
-    session holds any more, i.e. its process or connection died."""
+    session holds any more, i.e. its process or connection died. Only the runner's own
+    (exclusive) lock counts: standbys watching it take it shared for an instant."""
     return RawSQL(
         f"""({runner}.liveness_lock AND NOT EXISTS (
                 SELECT 1 FROM pg_locks l
                 WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+                  AND l.mode = 'ExclusiveLock'
                   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
                   AND l.classid = %s::oid AND l.objid = {runner}.id::oid))""",
         (LIVENESS_LOCK_NAMESPACE,),

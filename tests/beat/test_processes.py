@@ -63,6 +63,8 @@ def _replace(cluster: Cluster, leader: Leader, how: signal.Signals) -> None:
     # SIGSTOP: resume the old leader once another took over; it must act as a standby.
     try:
         cluster.wait_for_leader(other_than=leader, timeout=30)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{cluster.logs()[-12000:]}") from exc
     finally:
         os.kill(leader.pid, signal.SIGCONT)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,6 +16,7 @@ from cluster_singletons.checks import check_crash_detection
 from cluster_singletons.cluster.crash_detection import (
     Liveness,
     NotDirect,
+    Watch,
     indirect_reason,
     probe,
 )
@@ -108,3 +110,40 @@ def test_the_system_check_warns_when_the_cluster_database_is_pooled(
         assert "pooler or proxy" in found[0].msg and "'ttl'" in (found[0].hint or "")
         with override_settings(CLUSTER_SINGLETONS={"database": "pooled", "crash_detection": "ttl"}):
             assert check_crash_detection(databases=["pooled"]) == [], "'ttl' says so already"
+
+
+def _waiting_for(runner: int) -> int:
+    """Sessions waiting for a shared hold of ``runner``'s lock."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
+            "AND mode = 'ShareLock' AND classid = %s::oid AND objid = %s::oid",
+            [LIVENESS_LOCK_NAMESPACE, runner],
+        )
+        (count,) = cursor.fetchone()
+        return int(count)
+
+
+def test_a_watch_learns_of_a_dead_holder_when_the_server_does() -> None:
+    holder = Liveness(params=_params(), runner_id=RUNNER, on_release=lambda: None)
+    holder.start()
+    gone = threading.Event()
+    watch = Watch(params=_params(), on_gone=gone.set, wait=0.2)
+    try:
+        watch.follow({RUNNER})
+        poll("the watch to wait on the holder's lock", lambda: _waiting_for(RUNNER), timeout=5)
+        assert not gone.is_set()
+        assert len(_lock_holders(RUNNER)) == 1, "a waiting watch is not a holder"
+        assert holder._conn is not None
+        ended = time.monotonic()
+        # What the server does when the holder's process dies: its session ends.
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_terminate_backend(%s)", [holder._conn.info.backend_pid])
+        poll("the watch to hear of it", gone.is_set, timeout=5, every=0.001)
+        assert time.monotonic() - ended < 0.5
+        poll("the watch to let go", lambda: not _lock_holders(RUNNER), timeout=5)
+        watch.follow({RUNNER})
+        assert watch.following == set(), "a holder seen gone is not watched again"
+    finally:
+        watch.close()
+        holder.close()

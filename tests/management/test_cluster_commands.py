@@ -117,6 +117,6 @@ def test_handoff_is_refused_without_a_leader_and_ends_the_term_with_one() -> Non
     other = membership.register(host="h2", pid=2, kind="runcluster", using="default")
     assert leases.takeable(
         ["singleton:progress"], runner_id=other, ttl=30, crash_detection=False, using="default"
-    ) == {"singleton:progress"}
+    ).free == {"singleton:progress"}
     assert leases.acquire("singleton:progress", other, ttl=30, using="default") is not None
     assert Lease.objects.get(name="singleton:progress").handed_off_by is None
