@@ -1,6 +1,6 @@
 """Leader takeover time: our ``runcluster`` leases (default settings) vs celery-redbeat's lock.
 
-    .venv/bin/python -m benchmarks.failover --db sqlite|postgres --trials N
+    .venv/bin/python -m benchmarks.failover --db sqlite|postgres --trials N [--pooler pgbouncer]
 
 Ours: three ``runcluster`` processes on a fresh database. Each trial waits until ``beat``
 has a holder, waits a random 1 s + U(0, renew_interval) so the signal lands at a random
@@ -43,6 +43,7 @@ import psycopg
 import redis
 
 from cluster_singletons.conf import ClusterSettings
+from project.demo.pgbouncer import PgBouncer
 
 REPO = Path(__file__).resolve().parent.parent
 PG_SERVER = "postgresql://postgres@127.0.0.1:5432"
@@ -137,16 +138,22 @@ def summary(times: list[float], attempts: int) -> dict[str, Any]:
 class Database:
     """A fresh bench database plus a plain connection (autocommit) to watch it."""
 
-    def __init__(self, kind: str, tmp: Path) -> None:
+    def __init__(self, kind: str, tmp: Path, pooler: str | None = None) -> None:
         self.kind = kind
         self.env = {k: v for k, v in os.environ.items()
                     if k not in {"CLUSTER_SINGLETONS_JSON", "DATABASE_URL"}}
         self.env.update(CLUSTER_VAR_DIR=str(tmp), PYTHONUNBUFFERED="1")
+        self.bouncer: PgBouncer | None = None
         if kind == "postgres":
             drop_pg_db(create=True)
             self.env["DATABASE_URL"] = f"postgres://postgres@127.0.0.1:5432/{PG_BENCH_DB}"
         subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=REPO, env=self.env,
                        check=True)
+        if pooler == "pgbouncer":  # the runners connect through it; this process directly
+            self.bouncer = PgBouncer(("127.0.0.1", 5432), user="postgres")
+            self.bouncer.start()
+            self.env["DATABASE_URL"] = (
+                f"postgres://postgres@127.0.0.1:{self.bouncer.port}/{PG_BENCH_DB}")
         if kind == "postgres":
             self.conn: Any = psycopg.connect(f"{PG_SERVER}/{PG_BENCH_DB}", autocommit=True)
             self.version = "PostgreSQL " + self.one("SHOW server_version")[0]
@@ -386,13 +393,18 @@ def main() -> None:
                         help="seconds to wait for a redbeat takeover before giving up")
     parser.add_argument("--skip-redbeat", action="store_true")
     parser.add_argument("--seed", type=int, default=None, help="seed of the signal delays")
+    parser.add_argument("--pooler", choices=["pgbouncer"], default=None,
+                        help="runners connect through PgBouncer in transaction mode (postgres)")
     args = parser.parse_args()
+    if args.pooler and args.db != "postgres":
+        parser.error("--pooler needs --db postgres")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks
     rng = random.Random(args.seed)
     tmp = Path(tempfile.mkdtemp(prefix="cs-failover-"))
     procs = Procs(tmp)
+    db: Database | None = None
     try:
-        db = Database(args.db, tmp)
+        db = Database(args.db, tmp, args.pooler)
         ours = run_ours(Cluster(procs, db), args.trials, rng)
         redbeat: dict[str, Any] = {}
         if not args.skip_redbeat:
@@ -403,11 +415,14 @@ def main() -> None:
         db_version = db.version
     finally:
         procs.stop_all()
+        if db is not None and db.bouncer is not None:
+            db.bouncer.close()
         if args.db == "postgres":
             drop_pg_db()
         shutil.rmtree(tmp, ignore_errors=True)
 
-    rows = [(f"ours {args.db} {case}", r, "; ".join(f"{k}: {v}" for k, v in r["notes"].items()))
+    where = args.db + (f"+{args.pooler}" if args.pooler else "")
+    rows = [(f"ours {where} {case}", r, "; ".join(f"{k}: {v}" for k, v in r["notes"].items()))
             for case, r in ours.items()]
     for name, r in redbeat.items():
         extra = f"lock ttl {r['lock_ttl_observed_s']}s"
@@ -427,7 +442,7 @@ def main() -> None:
         return {k: r[k] for k in keep if r.get(k) not in (None, {}, [])}
 
     result = {
-        "db": args.db, "trials": args.trials,
+        "db": args.db, "pooler": args.pooler, "trials": args.trials,
         "cases": {case: pick(r) for case, r in ours.items()},
         "redbeat": {name: pick(r) for name, r in redbeat.items()},
         "settings": SETTINGS.model_dump(include={"lease_ttl", "renew_interval",

@@ -22,7 +22,7 @@ from cluster_singletons.cluster.crash_detection import (
 )
 from cluster_singletons.cluster.membership import LIVENESS_LOCK_NAMESPACE
 from project.demo.localcluster import poll
-from tests.pgbouncer import PgBouncer
+from project.demo.pgbouncer import PgBouncer
 
 pytestmark = [pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
 

@@ -16,7 +16,7 @@ from django.db import connection
 from cluster_singletons.models import Lease, Runner
 from project.demo.localcluster import ROOT, Cluster, database_url, poll
 from project.demo.models import FencedWrite
-from tests.pgbouncer import PgBouncer
+from project.demo.pgbouncer import PgBouncer
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.django_db(transaction=True)]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import itertools
 import signal
 import tempfile
@@ -12,6 +13,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand
 from django.db.models import Count, Sum
+from django.utils import timezone
 from django_celery_beat.models import IntervalSchedule, PeriodicTask
 
 from cluster_singletons.conf import get_settings
@@ -79,6 +81,27 @@ class Command(BaseCommand):
             f"(old leader exited {exit_code})"
         )
 
+        beat_before = cluster.wait_for_leader("beat")
+        say(f"SIGKILL the leader of 'beat' (pid {beat_before.pid}) ...")
+        sent = cluster.signal(beat_before.pid, signal.SIGKILL)
+        killed_at = timezone.now()
+        beat_after = cluster.wait_for_leader("beat", other_than=beat_before, timeout=ttl + 30)
+        beat_took = time.monotonic() - sent
+        say(self._who(beat_after, "beat") + f": took over {beat_took:.2f}s after the kill")
+        resumed_after = killed_at + dt.timedelta(seconds=beat_took + 6)
+        poll(
+            "the beat to dispatch on time again",
+            lambda: Run.objects.filter(
+                schedule=f"periodic:{BEAT_DEMO}",
+                epoch=beat_after.epoch,
+                tick__gt=resumed_after,
+                published_at__isnull=False,
+            ).exists(),
+            timeout=60,
+        )
+        failover = self._failover_summary(killed_at, beat_before.epoch, beat_after.epoch)
+        say(failover)
+
         note = uuid.uuid4().hex[:8]
         ping.delay(note)
         poll("the worker to run the task", lambda: f"ping {note}" in worker.text(), timeout=60)
@@ -104,7 +127,30 @@ class Command(BaseCommand):
             f"SUMMARY takeover after SIGKILL {killed_after:.2f}s (TTL {ttl:g}s), handoff after "
             f"SIGTERM {handoff_after:.2f}s, epochs {first.epoch}->{second.epoch}->{third.epoch}, "
             f"{writes.count()} fenced writes, {late} from deposed leaders after takeover; "
-            f"indexer state {indexer.value if indexer else '(none)'} across the failovers; " + beat
+            f"indexer state {indexer.value if indexer else '(none)'} across the failovers; "
+            f"beat takeover after SIGKILL {beat_took:.2f}s, {failover}; " + beat
+        )
+
+    @staticmethod
+    def _failover_summary(killed_at: Any, before: int, after: int) -> str:
+        """The every-second ticks from 5 s before the beat leader's kill to 5 s into its
+        successor's term: each went out once on time (within 1 s), late, or coalesced."""
+        runs = Run.objects.filter(schedule=f"periodic:{BEAT_DEMO}", epoch__in=[before, after])
+        window = runs.filter(tick__gte=killed_at - dt.timedelta(seconds=5)).order_by("tick")
+        first_new = runs.filter(epoch=after).order_by("tick").first()
+        if first_new is not None:
+            window = window.filter(tick__lte=first_new.tick + dt.timedelta(seconds=5))
+        on_time = late = coalesced = 0
+        for run in window.exclude(status__in=["skipped", "error"]):
+            if run.ticks > 1:
+                coalesced += run.ticks
+            elif run.published_at and run.published_at - run.tick > dt.timedelta(seconds=1):
+                late += 1
+            else:
+                on_time += 1
+        return (
+            f"ticks across the beat failover: {on_time} on time, {late} late (> 1 s), "
+            f"{coalesced} coalesced"
         )
 
     @staticmethod

@@ -1,9 +1,9 @@
-"""A real PgBouncer for tests: transaction pooling, server connections recycled within
-seconds (as ``server_lifetime`` / ``server_idle_timeout`` do in production), default
-settings otherwise.
+"""A real PgBouncer for tests and benchmarks: transaction pooling, server connections
+recycled within seconds (as ``server_lifetime`` / ``server_idle_timeout`` do in
+production), default settings otherwise. Debian's ``pgbouncer`` must be installed
+(``.ci/run`` installs it).
 
-Debian's ``pgbouncer`` must be installed (``.ci/run`` installs it); without it the tests
-that need it are skipped, unless ``CLUSTER_REQUIRE_PGBOUNCER=1`` makes that an error.
+    python -m project.demo.pgbouncer PORTFILE   # one in front of 127.0.0.1:5432
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-
-import pytest
 
 _CONFIG = """\
 [databases]
@@ -39,13 +37,15 @@ ignore_startup_parameters = extra_float_digits
 """
 
 
+class Missing(RuntimeError):
+    """PgBouncer is not installed."""
+
+
 def binary() -> str:
-    """The pgbouncer executable, or skip (fail in CI) when it is not installed."""
+    """The pgbouncer executable; ``Missing`` when it is not installed."""
     found = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin")
     if found is None:
-        if os.environ.get("CLUSTER_REQUIRE_PGBOUNCER") == "1":
-            raise RuntimeError("CLUSTER_REQUIRE_PGBOUNCER=1 but pgbouncer is not installed")
-        pytest.skip("pgbouncer is not installed (apt-get install pgbouncer)")
+        raise Missing("pgbouncer is not installed (apt-get install pgbouncer)")
     return found
 
 
@@ -107,7 +107,7 @@ class PgBouncer:
 
 
 def main() -> None:
-    """``python -m tests.pgbouncer PORTFILE``: run one in front of 127.0.0.1:5432 until
+    """``python -m project.demo.pgbouncer PORTFILE``: run one in front of 127.0.0.1:5432 until
     killed (SIGTERM), writing its port to PORTFILE once it accepts connections."""
     import sys
 
