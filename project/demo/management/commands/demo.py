@@ -81,6 +81,8 @@ class Command(BaseCommand):
             f"(old leader exited {exit_code})"
         )
 
+        (fresh,) = cluster.start(1)
+        say(f"started runner pid {fresh.pid} so the beat has a standby")
         beat_before = cluster.wait_for_leader("beat")
         say(f"SIGKILL the leader of 'beat' (pid {beat_before.pid}) ...")
         sent = cluster.signal(beat_before.pid, signal.SIGKILL)
