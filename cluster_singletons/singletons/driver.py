@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from cluster_singletons import context, metrics
+from cluster_singletons._connection import drop_if_unusable
 from cluster_singletons.cluster.leadership import Leadership, LeaderWork
 from cluster_singletons.conf import get_settings
 from cluster_singletons.errors import (
@@ -98,6 +99,9 @@ class SingletonDriver:
             backoff = backoff.failed()
 
     def _failed(self, ctx: SingletonContext[Any], reason: str, text: str, started: float) -> None:
+        # A connection the failure broke (a database or pooler restart) is replaced before
+        # the failure is recorded and the function retried.
+        drop_if_unusable(ctx.store.using)
         metrics.ERRORS.labels(self.spec.name, reason).inc()
         if reason in STATE_REASONS:
             metrics.STATE_ERRORS.labels(self.spec.name, reason).inc()
