@@ -19,21 +19,23 @@ from cluster_singletons.errors import describe
 logger = logging.getLogger("cluster_singletons")
 
 
-def drop_if_unusable(using: str) -> None:
+def drop_if_unusable(using: str | None = None) -> None:
     """Close this thread's connection to ``using`` if it stopped working (or outlived
-    ``CONN_MAX_AGE``), so that the next statement connects again.
+    ``CONN_MAX_AGE``), so that the next statement connects again; ``None``: each one this
+    thread opened (the user code a loop runs may use aliases of its own).
 
     - A connection that still answers after the error is kept (Django asks it ``SELECT 1``).
     - Inside a transaction it is left alone: the transaction's owner rolls back first
       (Django drops a connection whose rollback fails), and a loop's next error outside
       the transaction drops it.
     """
-    connection = connections[using]
-    if connection.in_atomic_block:
-        return
-    try:
-        connection.close_if_unusable_or_obsolete()
-    except DatabaseError as exc:
-        # Closing a socket the server already dropped may fail; the connection is gone
-        # either way (Django forgets it), which is what was wanted.
-        logger.debug("closing the broken connection to %r: %s", using, describe(exc))
+    opened = connections.all(initialized_only=True)
+    for connection in opened if using is None else [connections[using]]:
+        if connection.in_atomic_block:
+            continue
+        try:
+            connection.close_if_unusable_or_obsolete()
+        except DatabaseError as exc:
+            # Closing a socket the server already dropped may fail; the connection is gone
+            # either way (Django forgets it), which is what was wanted.
+            logger.debug("closing the broken connection to %r: %s", connection.alias, describe(exc))

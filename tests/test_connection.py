@@ -50,11 +50,14 @@ DATABASE_ERROR = re.compile(
 @pytest.mark.db
 @pytest.mark.postgres
 @pytest.mark.django_db(transaction=True)
-def test_a_connection_the_server_ended_is_replaced_at_the_next_statement() -> None:
+@pytest.mark.parametrize("using", ["default", None], ids=["its-alias", "every-alias"])
+def test_a_connection_the_server_ended_is_replaced_at_the_next_statement(
+    using: str | None,
+) -> None:
     end_session()
     with pytest.raises(OperationalError, match="connection is closed"):
         Lease.objects.count()  # Django alone would fail like this forever
-    drop_if_unusable("default")
+    drop_if_unusable(using)
     assert Lease.objects.count() == 0
 
 
