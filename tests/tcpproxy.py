@@ -1,10 +1,13 @@
-"""A TCP proxy that tests can cut: the database "goes down" for the processes behind it."""
+"""How tests take the database away: a TCP proxy they can cut (the database "goes down"
+for the processes behind it), and the server ending one thread's session."""
 
 from __future__ import annotations
 
 import contextlib
 import socket
 import threading
+
+from django.db import OperationalError, connections
 
 
 class TcpProxy:
@@ -29,11 +32,15 @@ class TcpProxy:
         threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
 
     def cut(self) -> None:
-        listener, self._listener = self._listener, None
-        if listener is not None:
-            listener.close()
         with self._lock:
+            listener, self._listener = self._listener, None
             sockets, self._open = self._open, set()
+        if listener is not None:
+            # close() alone leaves the socket listening while the accept thread is blocked
+            # in accept(): one more connection would get through the cut. shutdown() wakes it.
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)
+            listener.close()
         for sock in sockets:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
@@ -51,7 +58,13 @@ class TcpProxy:
                 client.close()
                 continue
             with self._lock:
-                self._open.update((client, server))
+                cut = self._listener is not listener
+                if not cut:
+                    self._open.update((client, server))
+            if cut:  # accepted as the cut began: it must not outlive it
+                client.close()
+                server.close()
+                return
             for a, b in ((client, server), (server, client)):
                 threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
 
@@ -65,3 +78,14 @@ class TcpProxy:
         finally:
             with contextlib.suppress(OSError):
                 sink.shutdown(socket.SHUT_WR)
+
+
+def end_session(using: str = "default") -> None:
+    """PostgreSQL ends this thread's session, as a restart of the database or of a pooler
+    would: the statement asking fails, and so does every later one on that connection."""
+    try:
+        with connections[using].cursor() as cursor:
+            cursor.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+    except OperationalError:
+        return
+    raise AssertionError("the session outlived pg_terminate_backend()")

@@ -26,11 +26,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from django.db import connections
+from django.db import DatabaseError, connections
 from kombu import exceptions as kombu_errors
 from kombu.serialization import dumps
 
 from cluster_singletons import context, metrics
+from cluster_singletons._connection import drop_if_unusable
 from cluster_singletons.beat import ledger
 from cluster_singletons.clock import Clock
 from cluster_singletons.cluster import heartbeats
@@ -253,7 +254,10 @@ class Outbox:
                     status, error = Run.Status.FAILED, describe(exc)
                     metrics.ERRORS.labels(run.schedule.partition(":")[2], type(exc).__name__).inc()
                     logger.exception("cron %s failed for tick %s", run.schedule, run.tick)
-                finally:
+                # The call may have met a database or pooler restart: report on a connection
+                # that works.
+                drop_if_unusable(using)
+                try:
                     ledger.report(run.task_id, status, using=using)
                     heartbeats.record(
                         run.schedule,
@@ -264,6 +268,16 @@ class Outbox:
                         duration=time.monotonic() - started,
                         using=using,
                     )
+                except DatabaseError as exc:  # the run stays "started": its row says so
+                    logger.warning(
+                        "cron %s: the end of tick %s could not be recorded (%s)",
+                        run.schedule,
+                        run.tick,
+                        describe(exc),
+                    )
+                finally:
+                    # A pool thread serves the next call too: never with this connection,
+                    # which the call may have left broken or inside a transaction.
                     connections.close_all()
 
         self._executor.submit(call)

@@ -19,6 +19,7 @@ from typing import Any
 
 from django.db import DatabaseError, connections
 
+from cluster_singletons._connection import drop_if_unusable
 from cluster_singletons.beat import periodic_tasks, schedule_records
 from cluster_singletons.beat.schedule import Override, Schedule
 from cluster_singletons.beat.sources import load_all
@@ -121,9 +122,9 @@ class Watcher:
             while not self._stop.wait(delay):
                 full = time.monotonic() >= next_full
                 try:
-                    connections[self._using].close_if_unusable_or_obsolete()
                     seen = self._look(full=full)
                 except Exception as exc:
+                    drop_if_unusable(self._using)
                     self._failed(exc)
                     failures += 1
                     delay = min(self._interval * 2 ** min(failures, 16), self._backoff_max)

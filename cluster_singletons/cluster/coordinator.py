@@ -27,6 +27,7 @@ from collections.abc import Iterator, Mapping
 from django.db import DatabaseError, InterfaceError, connections
 
 from cluster_singletons import metrics
+from cluster_singletons._connection import drop_if_unusable
 from cluster_singletons.clock import Clock, SystemClock
 from cluster_singletons.cluster import decisions, leases, membership, placement
 from cluster_singletons.cluster.crash_detection import CrashDetection
@@ -345,7 +346,8 @@ class Coordinator:
 
 
 class _DbAttempt:
-    """Context manager: a database error is logged in one line and paced by backoff."""
+    """Context manager: a database error is logged in one line, paced by backoff, and
+    drops the connection if it broke, so the next attempt connects again."""
 
     def __init__(self, runner: Coordinator, what: str) -> None:
         self.runner, self.what = runner, what
@@ -371,5 +373,5 @@ class _DbAttempt:
             self.delay,
         )
         runner._db_backoff = runner._db_backoff.failed()
-        connections[runner.using].close()
+        drop_if_unusable(runner.using)
         return True

@@ -23,6 +23,7 @@ import threading
 
 from django.db import connections
 
+from cluster_singletons._connection import drop_if_unusable
 from cluster_singletons.cluster import leases, membership
 from cluster_singletons.cluster.coordinator import DATABASE_ERRORS, Coordinator
 from cluster_singletons.errors import DatabaseUnavailable, describe
@@ -104,7 +105,7 @@ class Runner(Coordinator):
                     waited,
                     self.settings.startup_timeout,
                 )
-                connections[self.using].close()
+                drop_if_unusable(self.using)
                 self.clock.wait(self._stopping, backoff.delay)
                 backoff = backoff.failed()
                 continue

@@ -14,6 +14,8 @@ from django.db import DatabaseError
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from cluster_singletons._connection import drop_if_unusable
+from cluster_singletons.conf import get_settings
 from cluster_singletons.health.report import cluster_health
 
 logger = logging.getLogger("cluster_singletons.metrics")
@@ -27,6 +29,8 @@ class ClusterCollector(Collector):
         try:
             report = cluster_health(detail=True)
         except DatabaseError as exc:
+            # Scrapes may come from a long-lived thread of a metrics server, not a request.
+            drop_if_unusable(get_settings().database)
             logger.warning("cluster metrics unavailable: %s", exc)
             return
         for name, value, text in (

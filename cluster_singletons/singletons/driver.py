@@ -5,7 +5,8 @@ Lifecycle of one term, as the driver runs it:
 1. ``on_become_leader(ctx)``.
 2. The function, sync or ``async def``. Returning means "done for now": it is called again
    ``interval`` seconds later while still leading. Raising is logged and retried with
-   capped exponential backoff. ``SingletonError(SchemaDecodeFailed)`` stops it for the rest
+   capped exponential backoff, on a new connection if the error broke the old one (a
+   database or pooler restart). ``SingletonError(SchemaDecodeFailed)`` stops it for the rest
    of the term (the lease stays held so no other runner loops on the same bad state).
 3. ``on_lose_leadership(ctx)`` on every loss the runner observes: handoff, shutdown, lost
    renewal, refused fenced write.
@@ -21,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from cluster_singletons import context, metrics
+from cluster_singletons._connection import drop_if_unusable
 from cluster_singletons.cluster.leadership import Leadership, LeaderWork
 from cluster_singletons.conf import get_settings
 from cluster_singletons.errors import (
@@ -98,6 +100,9 @@ class SingletonDriver:
             backoff = backoff.failed()
 
     def _failed(self, ctx: SingletonContext[Any], reason: str, text: str, started: float) -> None:
+        # A connection the failure broke (a database or pooler restart) is replaced before
+        # the failure is recorded and the function retried, whichever database it was.
+        drop_if_unusable()
         metrics.ERRORS.labels(self.spec.name, reason).inc()
         if reason in STATE_REASONS:
             metrics.STATE_ERRORS.labels(self.spec.name, reason).inc()

@@ -16,6 +16,7 @@ from django.db import DatabaseError
 from pydantic import BaseModel
 
 from cluster_singletons import metrics
+from cluster_singletons._connection import drop_if_unusable
 from cluster_singletons.cluster import heartbeats
 from cluster_singletons.cluster.leadership import Leadership
 from cluster_singletons.errors import (
@@ -105,6 +106,7 @@ class SingletonContext(Generic[M]):
                 using=self.store.using,
             )
         except DatabaseError as exc:
+            drop_if_unusable(self.store.using)
             metrics.ERRORS.labels(self.name, "HeartbeatFailed").inc()
             logger.warning(
                 "singleton %r: %s", self.name, SingletonError("HeartbeatFailed", self.name, exc)

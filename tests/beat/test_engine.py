@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -28,9 +28,10 @@ from cluster_singletons.cluster import leases, membership
 from cluster_singletons.cluster.leadership import Leadership
 from cluster_singletons.conf import get_settings
 from cluster_singletons.errors import DeliveryNotCancellable, LeadershipLost
-from cluster_singletons.models import Delivery, Lease, Run, ScheduleRecord
+from cluster_singletons.models import Delivery, Heartbeat, Lease, Run, ScheduleRecord
 from cluster_singletons.snowflake import default_generator
 from project.demo.localcluster import poll, received
+from tests.tcpproxy import end_session
 
 pytestmark = [pytest.mark.db, pytest.mark.django_db(transaction=True)]
 
@@ -315,26 +316,45 @@ def test_context_of_a_dispatch_names_schedule_tick_and_epoch(app: Celery) -> Non
     )
 
 
+def _run_cron(app: Celery, name: str, job: Callable[[Run], None], ends: str) -> None:
+    """Declare ``job`` a ``@cron`` every minute, lead through its first tick, and wait
+    until its run ends as ``ends``."""
+    crons.cron(name, "* * * * *", tz="Europe/Berlin")(job)
+    try:
+        leader = Leader(app)
+        leader.at(59)
+        leader.at(60)
+        poll(
+            f"the cron run to end {ends}",
+            lambda: Run.objects.filter(schedule=f"cron:{name}", status=ends).exists(),
+            timeout=10,
+        )
+    finally:
+        crons._crons.pop(f"cron:{name}")
+
+
 def test_cron_functions_run_in_the_leader_and_report_their_end(app: Celery) -> None:
     calls: list[tuple[datetime, str | None]] = []
 
     def job(run: Run) -> None:
         calls.append((run.tick, context.current().schedule))
 
-    crons.cron("t-cron", "* * * * *", tz="Europe/Berlin")(job)
-    try:
-        leader = Leader(app)
-        leader.at(59)
-        leader.at(60)
-        poll(
-            "the cron run to finish",
-            lambda: Run.objects.filter(status=Run.Status.SUCCEEDED).exists(),
-            timeout=10,
-        )
-    finally:
-        crons._crons.pop("cron:t-cron")
+    _run_cron(app, "t-cron", job, Run.Status.SUCCEEDED)
     assert calls == [(T0 + timedelta(minutes=1), "cron:t-cron")]
     assert _drain(app) == [], "in-runner: nothing goes through the broker"
+
+
+@pytest.mark.postgres
+def test_a_cron_call_that_met_a_restart_reports_its_end_on_a_fresh_connection(
+    app: Celery,
+) -> None:
+    def job(run: Run) -> None:
+        end_session()  # the database restarts during the call
+        Lease.objects.count()  # and the function fails on the closed connection
+
+    _run_cron(app, "t-restart", job, Run.Status.FAILED)
+    beat = Heartbeat.objects.get(name="cron:t-restart")
+    assert beat.failures == 1 and "connection is closed" in beat.last_error
 
 
 @pytest.mark.parametrize(

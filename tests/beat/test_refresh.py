@@ -16,6 +16,7 @@ from django_celery_beat.models import IntervalSchedule, PeriodicTask
 
 from cluster_singletons.beat import refresh
 from cluster_singletons.models import ScheduleRecord
+from tests.tcpproxy import end_session
 
 T = TypeVar("T")
 
@@ -203,6 +204,19 @@ def test_take_is_none_before_the_first_look(watched: Callable[..., refresh.Watch
     assert looks.calls == 0, "the first look waits one interval"
 
 
+def _failing(
+    app: Celery, fail: Callable[[int], None], calls: list[int]
+) -> Callable[..., refresh.Seen]:
+    """A full look that first calls ``fail(n)`` on its n-th call (counted in ``calls``)."""
+
+    def look(*, full: bool = False) -> refresh.Seen:
+        calls.append(1)
+        fail(len(calls))
+        return _look(app, full=True)
+
+    return look
+
+
 @pytest.mark.db
 @pytest.mark.django_db(transaction=True)
 def test_a_database_error_is_logged_once_and_the_watcher_keeps_looking(
@@ -212,21 +226,18 @@ def test_a_database_error_is_logged_once_and_the_watcher_keeps_looking(
 ) -> None:
     _periodic("a")
     failures = 3
-    calls = 0
 
-    def look(*, full: bool = False) -> refresh.Seen:
-        nonlocal calls
-        calls += 1
-        if calls <= failures:
+    def fail(call: int) -> None:
+        if call <= failures:
             # A real error from the watcher's own connection (OperationalError on SQLite,
             # ProgrammingError on PostgreSQL: both DatabaseErrors).
             with connections["default"].cursor() as cursor:
                 cursor.execute("SELECT * FROM no_such_table_for_refresh_tests")
-        return _look(app, full=True)
 
-    watcher = watched(look)
+    calls: list[int] = []
+    watcher = watched(_failing(app, fail, calls))
     seen = _within("a look after the failures", watcher.take)
-    assert calls > failures
+    assert len(calls) > failures
     assert seen.found is not None and "periodic:a" in seen.found
     warnings = [r for r in beat_log if r.levelno == logging.WARNING]
     assert len(warnings) == 1, f"logged once for {failures} failures: {warnings}"
@@ -235,6 +246,29 @@ def test_a_database_error_is_logged_once_and_the_watcher_keeps_looking(
     assert [r.getMessage() for r in beat_log if r.levelno == logging.INFO] == [
         "looking for changed schedules works again"
     ]
+
+
+@pytest.mark.db
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_watcher_whose_session_the_server_ended_connects_again(
+    app: Celery,
+    watched: Callable[..., refresh.Watcher],
+    beat_log: list[logging.LogRecord],
+) -> None:
+    _periodic("a")
+
+    def fail(call: int) -> None:
+        if call == 1:
+            end_session()  # the database restarts under the watcher's thread
+
+    calls: list[int] = []
+    watcher = watched(_failing(app, fail, calls))
+    seen = _within("a look after the restart", watcher.take)
+    assert seen.found is not None and "periodic:a" in seen.found
+    assert len(calls) == 2, "the look right after the failed one worked"
+    warnings = [r.getMessage() for r in beat_log if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "connection is closed" in warnings[0]
 
 
 @pytest.mark.db

@@ -17,6 +17,7 @@ from cluster_singletons.conf import ClusterSettings
 from cluster_singletons.models import Lease
 from cluster_singletons.models import Runner as RunnerRow
 from project.demo.localcluster import poll
+from tests.tcpproxy import end_session
 
 pytestmark = [pytest.mark.db, pytest.mark.django_db(transaction=True)]
 
@@ -72,6 +73,23 @@ def test_leader_that_cannot_renew_stops_believing_before_the_lease_can_expire(
     # no other runner could have taken it while this one still believed it led.
     assert elapsed <= SETTINGS.lease_ttl - 1.0
     assert Lease.objects.filter(name="beat", expires_at__gt=Now()).exists()
+
+
+@pytest.mark.postgres
+def test_a_leader_whose_session_the_server_ended_renews_at_its_next_attempt(
+    clock: FrozenClock, made: list[Runner]
+) -> None:
+    runner = _runner({"beat": idle}, clock, made)
+    runner.step(clock.monotonic())
+    assert runner.leads("beat")
+    end_session()  # the database restarts; the coordinator's connection is closed
+    clock.advance(SETTINGS.renew_interval)
+    runner.step(clock.monotonic())  # the renewal fails, and drops the connection
+    expires = Lease.objects.get(name="beat").expires_at
+    clock.advance(SETTINGS.retry_backoff)
+    runner.step(clock.monotonic())
+    assert runner.leads("beat")
+    assert Lease.objects.get(name="beat").expires_at > expires, "renewed on a new connection"
 
 
 def test_work_that_raises_is_restarted_with_capped_backoff_while_leading(

@@ -15,11 +15,13 @@ from django.test import Client
 
 from cluster_singletons.beat import crons
 from cluster_singletons.cluster import heartbeats
+from cluster_singletons.health.collector import ClusterCollector
 from cluster_singletons.health.report import cluster_health
 from cluster_singletons.health.status import FAILED, HEALTHY, NEVER, NOT_LED, STALE
 from cluster_singletons.models import Heartbeat, Lease, Runner
 from cluster_singletons.singletons import registry
 from project.demo.localcluster import ROOT
+from tests.tcpproxy import end_session
 
 pytestmark = [pytest.mark.db, pytest.mark.django_db(transaction=True)]
 
@@ -121,6 +123,14 @@ response = Client().get("/cluster/health/ready")
 print(response.status_code, json.dumps(response.json()))
 print(Client().get("/cluster/health/live").status_code)
 """
+
+
+@pytest.mark.postgres
+def test_a_scrape_after_the_server_ended_the_session_is_answered_by_the_next() -> None:
+    collector = ClusterCollector()  # a metrics server's thread calls it, not a request
+    end_session()
+    assert list(collector.collect()) == [], "no samples (and a log line) for this scrape"
+    assert "cluster_runners" in {family.name for family in collector.collect()}
 
 
 def test_ready_answers_503_when_the_database_is_down() -> None:

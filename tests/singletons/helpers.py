@@ -7,6 +7,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from django.db import connections
 from pydantic import BaseModel
 
 from cluster_singletons.cluster import leases, membership
@@ -45,6 +46,8 @@ class Term:
             driver(self.leadership)
         except BaseException as exc:
             self.error = exc
+        finally:
+            connections.close_all()  # as the runner's slot does when work ends
 
     def end(self) -> None:
         self.stop.set()

@@ -10,11 +10,12 @@ import pytest
 from cluster_singletons import context
 from cluster_singletons.cluster import leases
 from cluster_singletons.errors import SingletonError
-from cluster_singletons.models import StateRecord
+from cluster_singletons.models import Heartbeat, StateRecord
 from cluster_singletons.singletons import registry
 from cluster_singletons.singletons.singleton_context import SingletonContext
 from project.demo.localcluster import poll
 from tests.singletons.helpers import Count, Term, declare
+from tests.tcpproxy import end_session
 
 pytestmark = [
     pytest.mark.db,
@@ -133,6 +134,60 @@ def test_state_saved_by_one_leader_is_what_the_next_leader_loads(declared: list[
     poll("the second leader", lambda: len(loaded) == 2, timeout=10)
     second.end()
     assert loaded == [0, 10]
+
+
+def _heartbeat(name: str) -> Heartbeat | None:
+    return Heartbeat.objects.filter(name=f"singleton:{name}").first()
+
+
+@pytest.mark.postgres
+def test_a_singleton_whose_session_the_server_ended_reconnects_on_its_next_call(
+    declared: list[str],
+) -> None:
+    calls: list[int] = []
+
+    @declare(declared, "restarted", state=Count, interval=0.01)
+    def run(ctx: SingletonContext[Count]) -> None:
+        calls.append(1)
+        if len(calls) == 2:
+            end_session()  # the database restarts while the singleton runs
+        ctx.store.load()  # a plain read: no transaction whose rollback would drop it
+
+    term = Term(registry.get("restarted"))
+    try:
+        poll(
+            "calls after the restart",
+            lambda: (b := _heartbeat("restarted")) and b.executions >= 3,
+            timeout=10,
+        )
+    finally:
+        term.end()
+    row = _heartbeat("restarted")
+    assert row is not None and row.failures == 1, "one failure, recorded once reconnected"
+    assert "StateLoadFailed" in row.last_error
+
+
+@pytest.mark.postgres
+def test_a_heartbeat_that_met_an_ended_session_leaves_a_fresh_one_to_the_next(
+    declared: list[str],
+) -> None:
+    calls: list[int] = []
+
+    @declare(declared, "beating")
+    def run(ctx: SingletonContext[Any]) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            end_session()
+            ctx.heartbeat()  # HeartbeatFailed: logged and counted, not raised
+            return  # the execution's own heartbeat follows at once
+        ctx.sleep(None)
+
+    term = Term(registry.get("beating"))
+    try:
+        row = poll("the execution's heartbeat", lambda: _heartbeat("beating"), timeout=10)
+    finally:
+        term.end()
+    assert (row.executions, row.failures) == (1, 0)
 
 
 def test_singleton_error_reasons_and_retryable_set() -> None:

@@ -26,6 +26,7 @@ from cluster_singletons.snowflake.generator import (
 from cluster_singletons.snowflake.keeper import MachineIdKeeper
 from cluster_singletons.snowflake.value import Snowflake
 from tests.snowflake.helpers import EPOCH_MS, hold_all, increasing, make_keeper
+from tests.tcpproxy import end_session
 
 
 @pytest.fixture
@@ -64,6 +65,18 @@ def test_a_generator_leases_on_its_first_id_and_releases_on_close(
     row.refresh_from_db()
     assert row.holder is None
     assert row.high_water_ms == Snowflake(ids[-1]).timestamp + EPOCH_MS
+
+
+@pytest.mark.db
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_the_keeper_renews_after_the_server_ended_its_session(
+    made: list[SnowflakeGenerator],
+) -> None:
+    gen, keeper = _db_generator(made)
+    gen.next_id()
+    keeper._call(end_session)  # the database restarts under the keeper's thread
+    assert keeper.renew(), "renewed on a new connection"
 
 
 @pytest.mark.db
