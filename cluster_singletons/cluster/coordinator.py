@@ -24,7 +24,7 @@ import socket
 import threading
 from collections.abc import Iterator, Mapping
 
-from django.db import DatabaseError, InterfaceError, connections
+from django.db import DatabaseError, InterfaceError
 
 from cluster_singletons import metrics
 from cluster_singletons._connection import drop_if_unusable
