@@ -51,6 +51,14 @@ class ClusterSettings(BaseModel):
             "'ttl': wait for lease expiry (use behind a transaction-pooling PgBouncer)."
         ),
     )
+    clock_offset_warning: float = Field(
+        1.0,
+        gt=0,
+        description=(
+            "A runner whose wall clock is further than this many seconds from the "
+            "database's logs a WARNING (the beat keeps to the database's clock either way)."
+        ),
+    )
     runner_forget_after: float = Field(
         3600.0, gt=0, description="Registrations not seen for this long are deleted."
     )

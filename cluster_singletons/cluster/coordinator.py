@@ -30,7 +30,8 @@ from cluster_singletons import metrics
 from cluster_singletons.clock import Clock, SystemClock
 from cluster_singletons.cluster import decisions, leases, membership, placement
 from cluster_singletons.cluster.crash_detection import CrashDetection
-from cluster_singletons.cluster.fencing import Term
+from cluster_singletons.cluster.database_clock import DatabaseClock
+from cluster_singletons.cluster.fencing import Term, now_resolution
 from cluster_singletons.cluster.leadership import LeaderWork
 from cluster_singletons.cluster.placement import View
 from cluster_singletons.cluster.slot import Slot
@@ -66,6 +67,12 @@ class Coordinator:
         self.kind = kind
         self.clock: Clock = clock or SystemClock()
         self.using = self.settings.database
+        #: The database's clock, estimated from renewals: the one leader work runs on.
+        self.database_clock = DatabaseClock(
+            self.clock,
+            resolution=now_resolution(connections[self.using]),
+            warn_above=self.settings.clock_offset_warning,
+        )
         prefix = self.settings.key_prefix
         self._slots = {
             prefix + name: Slot(name=prefix + name, work=fn) for name, fn in work.items()
@@ -155,9 +162,12 @@ class Coordinator:
         held = [s.term for s in self._slots.values() if s.term]
         with self._db("renew") as attempt:
             sent_at = self.clock.monotonic()
-            if not membership.touch(self.runner_id, using=self.using):
+            offset = self.database_clock.offset()
+            seen = membership.touch(self.runner_id, clock_offset=offset, using=self.using)
+            if seen is None:
                 self._reregister()
                 return
+            self.database_clock.observe(sent_at, self.clock.monotonic(), seen)
             kept = leases.renew(self.runner_id, held, ttl=self.settings.lease_ttl, using=self.using)
             for name in decisions.lost_in_renewal((t.name for t in held), kept):
                 self._step_down(
@@ -187,6 +197,10 @@ class Coordinator:
         """One read finds which due leases are takeable, so standing by costs one query per
         poll, not one per lease; only those are tried."""
         assert self.runner_id is not None
+        if not self.database_clock.synced:  # leader work runs on it: a renewal tells it
+            for slot in due:
+                slot.next_acquire = now + self._poll_interval(slot)
+            return
         with self._db("poll") as attempt:
             free = leases.takeable(
                 [slot.name for slot in due],
@@ -250,7 +264,10 @@ class Coordinator:
 
     def _start_work(self, slot: Slot) -> None:
         slot.start_work(
-            using=self.using, ttl=self.settings.lease_ttl, clock=self.clock, on_end=self._wake.set
+            using=self.using,
+            ttl=self.settings.lease_ttl,
+            clock=self.database_clock,
+            on_end=self._wake.set,
         )
 
     def _step_down(self, slot: Slot, reason: str) -> None:
