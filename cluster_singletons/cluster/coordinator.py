@@ -14,6 +14,8 @@ Leadership rules kept here:
   lease to someone else.
 - A renewal that fails to cover a term, a fenced write refused, or a lost liveness
   session ends the term at once.
+- Each renewal's touch returns the database's clock (``database_clock``); no lease is
+  taken before one has, since leader work runs on that clock.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from cluster_singletons.clock import Clock, SystemClock
 from cluster_singletons.cluster import decisions, leases, membership, placement
 from cluster_singletons.cluster.crash_detection import CrashDetection
 from cluster_singletons.cluster.database_clock import DatabaseClock
-from cluster_singletons.cluster.fencing import Term, now_resolution
+from cluster_singletons.cluster.fencing import Term
 from cluster_singletons.cluster.leadership import LeaderWork
 from cluster_singletons.cluster.placement import View
 from cluster_singletons.cluster.slot import Slot
@@ -68,11 +70,7 @@ class Coordinator:
         self.clock: Clock = clock or SystemClock()
         self.using = self.settings.database
         #: The database's clock, estimated from renewals: the one leader work runs on.
-        self.database_clock = DatabaseClock(
-            self.clock,
-            resolution=now_resolution(connections[self.using]),
-            warn_above=self.settings.clock_offset_warning,
-        )
+        self.database_clock = DatabaseClock.of(self.clock, self.settings)
         prefix = self.settings.key_prefix
         self._slots = {
             prefix + name: Slot(name=prefix + name, work=fn) for name, fn in work.items()

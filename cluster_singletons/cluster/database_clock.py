@@ -20,7 +20,7 @@ database clock's resolution); its midpoint is the estimate, half its width the e
   ``cluster_status`` and ``cluster_clock_offset_seconds`` show; above
   ``clock_offset_warning`` one WARNING says so, and one INFO line when it is back within.
 
-Nothing here touches the database: the coordinator passes what its renewal returned.
+Nothing here runs a statement: the coordinator passes what its renewal returned.
 """
 
 from __future__ import annotations
@@ -30,8 +30,12 @@ import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from django.db import connections
+
 from cluster_singletons import metrics
 from cluster_singletons.clock import Clock
+from cluster_singletons.cluster.fencing import now_resolution
+from cluster_singletons.conf import ClusterSettings
 
 logger = logging.getLogger("cluster_singletons.runner")
 
@@ -132,6 +136,16 @@ class DatabaseClock:
         self._wall_lead = 0.0
         self._warned = False
         self._lock = threading.Lock()
+
+    @classmethod
+    def of(cls, base: Clock, settings: ClusterSettings) -> DatabaseClock:
+        """The clock of a runner on ``settings.database``, warning as its settings say."""
+        connection = connections[settings.database]
+        return cls(
+            base,
+            resolution=now_resolution(connection),
+            warn_above=settings.clock_offset_warning,
+        )
 
     @property
     def estimate(self) -> Estimate | None:
