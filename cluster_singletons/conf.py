@@ -52,6 +52,14 @@ class ClusterSettings(BaseModel):
             "'ttl': always wait for lease expiry."
         ),
     )
+    clock_offset_warning: float = Field(
+        1.0,
+        gt=0,
+        description=(
+            "A runner whose wall clock is further than this many seconds from the "
+            "database's logs a WARNING (the beat keeps to the database's clock either way)."
+        ),
+    )
     runner_forget_after: float = Field(
         3600.0, gt=0, description="Registrations not seen for this long are deleted."
     )

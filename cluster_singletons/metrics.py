@@ -53,6 +53,11 @@ LEADING = Gauge(
     ["lease"],
     multiprocess_mode="liveall",
 )
+CLOCK_OFFSET = Gauge(
+    "cluster_clock_offset_seconds",
+    "The database's clock minus this process's wall clock, estimated at each renewal.",
+    multiprocess_mode="liveall",
+)
 DISPATCH_LATENESS = Histogram(
     "cluster_beat_dispatch_lateness_seconds",
     "Publish time minus scheduled time of each dispatched tick.",

@@ -28,10 +28,12 @@ _RUNNER_KIND = "beat"
 
 
 def beat_work(app: Any) -> LeaderWork:
-    """Leader work for the ``beat`` lease: a fresh engine for every term."""
+    """Leader work for the ``beat`` lease: a fresh engine for every term, on the
+    database's clock as the runner estimates it, so a node whose wall clock is off still
+    dispatches every tick on time."""
 
     def lead(leadership: Leadership) -> None:
-        BeatEngine(app).run(leadership)
+        BeatEngine(app, clock=leadership.clock).run(leadership)
 
     return lead
 

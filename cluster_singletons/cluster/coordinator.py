@@ -14,6 +14,8 @@ Leadership rules kept here:
   lease to someone else.
 - A renewal that fails to cover a term, a fenced write refused, or a lost liveness
   session ends the term at once.
+- Each renewal's touch returns the database's clock (``database_clock``); no lease is
+  taken before one has, since leader work runs on that clock.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from cluster_singletons._connection import drop_if_unusable
 from cluster_singletons.clock import Clock, SystemClock
 from cluster_singletons.cluster import decisions, leases, membership, placement
 from cluster_singletons.cluster.crash_detection import CrashDetection
+from cluster_singletons.cluster.database_clock import DatabaseClock
 from cluster_singletons.cluster.fencing import Term
 from cluster_singletons.cluster.leadership import LeaderWork
 from cluster_singletons.cluster.placement import View
@@ -67,6 +70,8 @@ class Coordinator:
         self.kind = kind
         self.clock: Clock = clock or SystemClock()
         self.using = self.settings.database
+        #: The database's clock, estimated from renewals: the one leader work runs on.
+        self.database_clock = DatabaseClock.of(self.clock, self.settings)
         prefix = self.settings.key_prefix
         self._slots = {
             prefix + name: Slot(name=prefix + name, work=fn) for name, fn in work.items()
@@ -155,9 +160,12 @@ class Coordinator:
         held = [s.term for s in self._slots.values() if s.term]
         with self._db("renew") as attempt:
             sent_at = self.clock.monotonic()
-            if not membership.touch(self.runner_id, using=self.using):
+            offset = self.database_clock.offset()
+            seen = membership.touch(self.runner_id, clock_offset=offset, using=self.using)
+            if seen is None:
                 self._reregister()
                 return
+            self.database_clock.observe(sent_at, self.clock.monotonic(), seen)
             kept = leases.renew(self.runner_id, held, ttl=self.settings.lease_ttl, using=self.using)
             for name in decisions.lost_in_renewal((t.name for t in held), kept):
                 self._step_down(
@@ -187,6 +195,10 @@ class Coordinator:
         """One read finds which due leases are takeable, so standing by costs one query per
         poll, not one per lease; only those are tried."""
         assert self.runner_id is not None
+        if not self.database_clock.synced:  # leader work runs on it: a renewal tells it
+            for slot in due:
+                slot.next_acquire = now + self._poll_interval(slot)
+            return
         free: set[str] = set()
         with self._db("poll") as attempt:
             standing = leases.takeable(
@@ -253,7 +265,10 @@ class Coordinator:
 
     def _start_work(self, slot: Slot) -> None:
         slot.start_work(
-            using=self.using, ttl=self.settings.lease_ttl, clock=self.clock, on_end=self._wake.set
+            using=self.using,
+            ttl=self.settings.lease_ttl,
+            clock=self.database_clock,
+            on_end=self._wake.set,
         )
 
     def _step_down(self, slot: Slot, reason: str) -> None:

@@ -93,6 +93,18 @@ def now_sql(connection: BaseDatabaseWrapper) -> str:
     return sql
 
 
+def now_resolution(connection: BaseDatabaseWrapper) -> float:
+    """The smallest step of ``now_sql`` in seconds: SQLite's ``'now'`` counts milliseconds."""
+    return 0.001 if connection.vendor == "sqlite" else 1e-6
+
+
+def database_time(value: datetime | str) -> datetime:
+    """A value of ``now_sql`` as the driver returned it, aware (SQLite returns text)."""
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
 def _term_is_current(connection: BaseDatabaseWrapper) -> str:
     """SQL: ``fenced()``'s test, on the lease row named by ``fence_params``' values."""
     q = connection.ops.quote_name
@@ -187,7 +199,4 @@ def database_now(using: str) -> datetime:
     connection = connections[using]
     with connection.cursor() as cursor:
         cursor.execute(f"SELECT {now_sql(connection)}", [])  # params: %% becomes %
-        value: datetime | str = cursor.fetchone()[0]
-    if isinstance(value, str):  # SQLite returns text
-        value = datetime.fromisoformat(value)
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+        return database_time(cursor.fetchone()[0])

@@ -3,7 +3,8 @@
 ``running`` turns false as soon as the term ends, the runner stops, or the runner's
 belief window closes (checked directly, so a process resumed after a pause stops acting
 before its coordinator runs again); ``fenced()`` is a transaction that commits only
-within the term.
+within the term; ``clock`` is the runner's estimate of the database's clock
+(``database_clock``), the one the beat plans and publishes on.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
+from cluster_singletons.clock import Clock, SystemClock
 from cluster_singletons.cluster import fencing
 from cluster_singletons.cluster.fencing import Term
 
@@ -29,6 +31,8 @@ class Leadership:
     #: checked directly so a process resumed after a pause stops acting at once, before
     #: its coordinator thread has run.
     believed: Callable[[], bool] = field(default=lambda: True)
+    #: The database's clock as the runner estimates it (tests: any clock).
+    clock: Clock = field(default_factory=SystemClock)
 
     @property
     def running(self) -> bool:

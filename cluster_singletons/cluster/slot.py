@@ -84,6 +84,7 @@ class Slot:
             using=using,
             ttl=ttl,
             believed=lambda: self.term is term and clock.monotonic() < self.believed_until,
+            clock=clock,
         )
         self.thread = threading.Thread(
             target=self._run, args=(leadership, on_end), name=f"lead:{self.name}", daemon=True

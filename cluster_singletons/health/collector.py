@@ -2,7 +2,8 @@
 
 They are the same whichever process serves the scrape (the database holds the cluster),
 so they are never multiplied by processes: runners, healthy runners, singletons led,
-pending intents and deliveries, heartbeat ages. Process metrics are in ``metrics``.
+pending intents and deliveries, heartbeat ages, each runner's clock offset. Process
+metrics are in ``metrics``.
 """
 
 from __future__ import annotations
@@ -55,3 +56,11 @@ class ClusterCollector(Collector):
             if item.age is not None:
                 age.add_metric([item.name, item.status], item.age)
         yield age
+        offsets = GaugeMetricFamily(
+            "cluster_runner_clock_offset_seconds",
+            "Each live runner's estimate of the database's clock minus its wall clock.",
+            labels=["runner"],
+        )
+        for runner, offset in report.clock_offsets.items():
+            offsets.add_metric([str(runner)], offset)
+        yield offsets

@@ -54,6 +54,8 @@ class Report:
     pending_intents: int
     pending_deliveries: int
     items: list[Item] = field(default_factory=list)
+    #: Live runner id -> its estimate of the database's clock minus its wall clock (s).
+    clock_offsets: dict[int, float] = field(default_factory=dict)
 
     def as_dict(self, *, detail: bool) -> dict[str, Any]:
         out: dict[str, Any] = {"status": "ok" if self.healthy else "unhealthy"}
@@ -65,6 +67,7 @@ class Report:
                 pending_intents=self.pending_intents,
                 pending_deliveries=self.pending_deliveries,
                 checks=[item.as_dict() for item in self.items],
+                clock_offsets={str(k): round(v, 6) for k, v in self.clock_offsets.items()},
             )
         return out
 
@@ -129,4 +132,7 @@ def cluster_health(
         pending_intents=ledger.pending_count(using=db),
         pending_deliveries=deliveries.pending_count(using=db),
         items=found if detail else [],
+        clock_offsets=membership.clock_offsets(seen_within=settings.lease_ttl, now=now, using=db)
+        if detail
+        else {},
     )

@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -89,15 +89,19 @@ class Cluster:
         self.lead = lead or []
         self.nodes: list[Node] = []
 
-    def start(self, count: int = 1, *, beat: bool = False) -> list[Node]:
+    def start(
+        self, count: int = 1, *, beat: bool = False, wrapper: Sequence[str] = ()
+    ) -> list[Node]:
         """Start ``count`` runners: ``runcluster`` nodes, or with ``beat`` Celery beats
-        using the leader scheduler; returns once they registered."""
+        using the leader scheduler; returns once they registered. ``wrapper``: interpreter
+        arguments before the program's (``-m tests.skewed_clock 30``: its clock is off)."""
         started = []
         for _ in range(count):
             log = self.tmp / f"node{len(self.nodes)}.log"
-            args = [sys.executable, "manage.py", "runcluster"]
+            args = [sys.executable, *wrapper, "manage.py", "runcluster"]
             if beat:
-                args = [sys.executable, "-m", "celery", "-A", "project", "beat", "--loglevel"]
+                args = [sys.executable, *wrapper, "-m", "celery", "-A", "project", "beat"]
+                args += ["--loglevel"]
                 args += ["INFO", "-S", "cluster_singletons.beat:LeaderScheduler"]
                 args += ["--schedule", str(self.tmp / f"beat{len(self.nodes)}")]
             for spec in self.lead:

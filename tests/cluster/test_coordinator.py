@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from datetime import datetime
 
 import pytest
 from django.db import OperationalError
 from django.db.models.functions import Now
 
 from cluster_singletons.clock import FrozenClock
-from cluster_singletons.cluster import leases
+from cluster_singletons.cluster import fencing, leases, membership
 from cluster_singletons.cluster.leadership import Leadership, idle
 from cluster_singletons.cluster.runner import Runner
 from cluster_singletons.conf import ClusterSettings
@@ -166,6 +167,41 @@ def test_key_prefix_namespaces_lease_names(clock: FrozenClock, made: list[Runner
     runner.step(clock.monotonic())
     assert runner.leads("beat")
     assert list(Lease.objects.values_list("name", flat=True)) == ["shop:beat"]
+
+
+def test_leader_work_runs_on_the_database_clock_and_not_before_a_renewal_told_it(
+    clock: FrozenClock, made: list[Runner], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[datetime] = []
+
+    def work(leadership: Leadership) -> None:
+        seen.append(leadership.clock.now())
+        leadership.stop_event.wait()
+
+    runner = _runner({"beat": work}, clock, made)
+    touch = membership.touch
+
+    def unreachable(*args: object, **kwargs: object) -> None:
+        raise OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(membership, "touch", unreachable)
+    runner.step(clock.monotonic())
+    clock.advance(SETTINGS.acquire_interval)
+    runner.step(clock.monotonic())
+    assert not runner.leads("beat"), "took a lease before knowing the database's clock"
+    monkeypatch.setattr(membership, "touch", touch)
+    clock.advance(SETTINGS.retry_backoff)
+    runner.step(clock.monotonic())
+    assert runner.leads("beat")
+    poll("the work to read its clock", lambda: seen, timeout=10)
+    # This runner's wall clock (frozen at 2026-01-01) is not the database's.
+    database = fencing.database_now("default")
+    assert abs((seen[0] - database).total_seconds()) < 1.0
+    wall_behind = (database - clock.now()).total_seconds()
+    clock.advance(SETTINGS.renew_interval)
+    runner.step(clock.monotonic())
+    row = RunnerRow.objects.get(pk=runner.runner_id)
+    assert row.clock_offset == pytest.approx(wall_behind, abs=1.0)
 
 
 def _work_alive(runner: Runner) -> bool:

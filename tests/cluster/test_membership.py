@@ -5,9 +5,11 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
+from django.db import connection
 from django.db.models.functions import Now
+from django.test.utils import CaptureQueriesContext
 
-from cluster_singletons.cluster import leases, membership
+from cluster_singletons.cluster import fencing, leases, membership
 from cluster_singletons.models import Runner
 
 pytestmark = [pytest.mark.db, pytest.mark.django_db(transaction=True)]
@@ -30,6 +32,27 @@ def test_registrations_get_ids_never_reused_and_a_touch_needs_the_row() -> None:
     assert second > first
     assert membership.touch(second, using=USING)
     assert not membership.touch(first, using=USING), "a deleted registration is not revived"
+
+
+@pytest.mark.parametrize("returning", [True, False], ids=["update-returning", "update-then-read"])
+def test_a_touch_returns_the_database_clock_it_wrote_and_stores_the_offset(
+    returning: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not returning:  # as on a backend without UPDATE ... RETURNING
+        monkeypatch.setattr(membership, "RETURNING", frozenset())
+    runner = _register()
+    before = fencing.database_now(USING)
+    with CaptureQueriesContext(connection) as statements:
+        seen = membership.touch(runner, clock_offset=-30.25, using=USING)
+    after = fencing.database_now(USING)
+    row = Runner.objects.get(pk=runner)
+    assert seen is not None and before <= seen <= after
+    assert row.clock_offset == -30.25
+    assert len(statements) == (1 if returning else 2)
+    if returning:
+        assert row.last_seen == seen
+    membership.deregister(runner, using=USING)
+    assert membership.touch(runner, using=USING) is None
 
 
 def test_only_registrations_not_seen_for_long_are_forgotten() -> None:

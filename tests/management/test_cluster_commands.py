@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from django.core.management import CommandError, call_command
+from django.test import Client
 
 from cluster_singletons.cluster import leases, membership
 from cluster_singletons.models import Lease, StateHistory, StateRecord
@@ -54,6 +55,25 @@ def test_cluster_status_says_how_each_runner_s_crash_is_detected() -> None:
         call_command("cluster_status", "--json", stdout=(out := StringIO()))
     runners = {r["id"]: r for r in json.loads(out.getvalue())["runners"]}
     assert runners[pooled]["crash_detection"] == reason
+
+
+@pytest.mark.usefixtures("isolated_registry")
+def test_cluster_status_and_the_metrics_show_each_runners_clock_offset() -> None:
+    skewed, fine, unknown = (
+        membership.register(host=host, pid=1, kind="beat", using="default")
+        for host in ("skewed", "fine", "new")
+    )
+    membership.touch(skewed, clock_offset=-30.0123, using="default")
+    membership.touch(fine, clock_offset=0.0004, using="default")
+    table = _call("cluster_status")
+    assert "skewed:1 seen" in table and "clock -30.012 s (above clock_offset_warning)" in table
+    assert "clock +0.000 s\n" in table and "clock offset unknown" in table
+    body = json.loads(_call("cluster_status", "--json"))
+    assert body["clock_offsets"] == {str(skewed): -30.0123, str(fine): 0.0004}
+    assert [r["clock_offset"] for r in body["runners"]] == [-30.0123, 0.0004, None]
+    scraped = Client().get("/cluster/metrics").content.decode()
+    assert f'cluster_runner_clock_offset_seconds{{runner="{skewed}"}} -30.0123' in scraped
+    assert f'runner="{unknown}"' not in scraped
 
 
 def test_unknown_singletons_exit_2() -> None:

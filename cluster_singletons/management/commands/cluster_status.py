@@ -21,13 +21,15 @@ _RUNNER_COLUMNS = (
     "last_seen",
     "stopping",
     "crash_detection",
+    "clock_offset",
 )
 
 
 class Command(BaseCommand):
     help = (
         "Show the cluster: health of every singleton, @cron function and the beat (status, "
-        "leader, epoch, heartbeat age, last error), the runners and the leases. Exits 0 when "
+        "leader, epoch, heartbeat age, last error), the runners (with their clocks' offsets "
+        "to the database's) and the leases. Exits 0 when "
         "healthy, 1 when not. --json prints the same as the health endpoint's detail."
     )
 
@@ -36,7 +38,8 @@ class Command(BaseCommand):
 
     @clear_errors
     def handle(self, *args: Any, **options: Any) -> None:
-        db = get_settings().database
+        settings = get_settings()
+        db = settings.database
         report = cluster_health()
         runners = [
             {column: getattr(row, column) for column in _RUNNER_COLUMNS}
@@ -47,12 +50,17 @@ class Command(BaseCommand):
             body = {**report.as_dict(detail=True), "runners": runners, "leases": held}
             self.stdout.write(json.dumps(body, default=str, indent=2))
         else:
-            self._table(report, runners, held)
+            self._table(report, runners, held, warn_above=settings.clock_offset_warning)
         if not report.healthy:
             raise SystemExit(1)
 
     def _table(
-        self, report: Report, runners: list[dict[str, Any]], leases: list[dict[str, Any]]
+        self,
+        report: Report,
+        runners: list[dict[str, Any]],
+        leases: list[dict[str, Any]],
+        *,
+        warn_above: float,
     ) -> None:
         say = self.stdout.write
         say(f"cluster: {'healthy' if report.healthy else 'UNHEALTHY'}")
@@ -67,10 +75,22 @@ class Command(BaseCommand):
         for r in runners:
             stopping = " stopping" if r["stopping"] else ""
             where = f"{r['host']}:{r['pid']}"
-            say(f"  {r['id']:>4} {r['kind']:10} {where} seen {r['last_seen']}{stopping}")
+            say(
+                f"  {r['id']:>4} {r['kind']:10} {where} seen {r['last_seen']}"
+                f"{_clock(r['clock_offset'], warn_above)}{stopping}"
+            )
             if r["crash_detection"]:
                 say(f"       crash detected by {r['crash_detection']}")
         say("\nleases:")
         for lease in leases:
             holder = lease["holder_id"] or "-"
             say(f"  {lease['name']:32} holder {holder:>4} epoch {lease['epoch']:>5}")
+
+
+def _clock(offset: float | None, warn_above: float) -> str:
+    """How far a runner's wall clock is from the database's, flagged above
+    ``clock_offset_warning``."""
+    if offset is None:
+        return ", clock offset unknown"
+    flag = " (above clock_offset_warning)" if abs(offset) > warn_above else ""
+    return f", clock {offset:+.3f} s{flag}"
