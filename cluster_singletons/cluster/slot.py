@@ -13,13 +13,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from django.db import connections
+from django.db import DatabaseError, InterfaceError, connections
 
 from cluster_singletons.clock import Clock
 from cluster_singletons.cluster.decisions import Ended, SlotState
 from cluster_singletons.cluster.fencing import Term
 from cluster_singletons.cluster.leadership import Leadership, LeaderWork
-from cluster_singletons.errors import LeadershipLost
+from cluster_singletons.errors import LeadershipLost, describe
 
 Outcome = Literal["running", "returned", "failed", "fenced-out"]
 
@@ -98,6 +98,12 @@ class Slot:
         except LeadershipLost as exc:
             logger.warning("fenced write refused: %s", exc)
             self.outcome = "fenced-out"
+        except (DatabaseError, InterfaceError) as exc:
+            # The database went away under it: one line, not a traceback per restart.
+            logger.warning(
+                "leader work for %r stopped: database error (%s)", self.name, describe(exc)
+            )
+            self.outcome = "failed"
         except Exception:
             logger.exception("leader work for %r failed", self.name)
             self.outcome = "failed"
