@@ -3,7 +3,7 @@
 ``step(now)`` asks ``decisions`` what to do (give up terms, react to ended work, renew,
 poll, restart, prune) and does it against the stores: renewing every held lease in one
 statement, polling every due standing lease in one read, taking the ones found free,
-handing off a placed lease when this runner holds more than its share. The runner
+handing off the placed leases this runner holds above its share. The runner
 (``runner``) adds the process's lifecycle around it: registration, the loop's thread,
 shutdown.
 
@@ -71,7 +71,11 @@ class Coordinator:
             prefix + name: Slot(name=prefix + name, work=fn) for name, fn in work.items()
         }
         self._placed = placement.Placed(
-            None if placement_prefix is None else prefix + placement_prefix, self._slots
+            None if placement_prefix is None else prefix + placement_prefix,
+            self._slots,
+            clock=self.clock,
+            patience=self.settings.renew_interval,
+            poll_every=self.settings.acquire_interval,
         )
         self.runner_id: int | None = None
         self.error: BaseException | None = None
@@ -236,17 +240,23 @@ class Coordinator:
         return self._placed.poll_interval(self.runner_id, slot.name, self.settings.acquire_interval)
 
     def _rebalance(self, now: float) -> None:
-        """Hand off one placed lease if this runner holds more than its fair share."""
+        """Hand off every placed lease this runner holds above its fair share, each to the
+        runner placement chose, in this one renewal. Placement failing is logged and
+        costs only this renewal's handoff, never the loop."""
         assert self.runner_id is not None
         mine = [slot.name for slot in self._slots.values() if slot.term]
-        proposal = self._placed.handoff(self.runner_id, mine)
-        if proposal is None:
+        try:
+            proposals = self._placed.handoff(self.runner_id, mine)
+        except Exception:
+            logger.exception(
+                "runner %s: placement failed; no handoff at this renewal", self.runner_id
+            )
             return
-        name, target = proposal
-        slot = self._slots[name]
-        self._step_down(slot, f"handing off to runner {target} to balance the cluster")
-        # Stay away long enough for the target to take it.
-        slot.next_acquire = now + _HANDOFF_COOLDOWN * self.settings.renew_interval
+        for name, target in proposals:
+            slot = self._slots[name]
+            self._step_down(slot, f"handing off to runner {target} to balance the cluster")
+            # Stay away long enough for the target to take it.
+            slot.next_acquire = now + _HANDOFF_COOLDOWN * self.settings.renew_interval
 
     def _start_work(self, slot: Slot) -> None:
         slot.start_work(
