@@ -213,14 +213,17 @@ def _stopping(runner: Runner) -> bool:
     return any(s.term is None and s.alive for s in runner._slots.values())
 
 
+#: When the newcomer registers, after the others' renewal: at it, just after it (the longest
+#: they take to see the newcomer), half an interval after it.
+@pytest.mark.parametrize("phase", [0.0, 0.1, 1.5])
 @pytest.mark.parametrize(("runners", "singletons"), [(2, 7), (3, 10), (4, 30), (4, 100)])
 def test_placement_settles_within_two_renewals_of_a_runner_joining_then_nothing_moves(
-    clock: FrozenClock, made: list[Runner], runners: int, singletons: int
+    clock: FrozenClock, made: list[Runner], runners: int, singletons: int, phase: float
 ) -> None:
     cluster = _Cluster([f"{LEASE_PREFIX}p{i}" for i in range(singletons)], clock, made)
     for _ in range(runners - 1):
         cluster.join()
-    cluster.run(4 * SETTINGS.renew_interval)
+    cluster.run(4 * SETTINGS.renew_interval + phase)
     share = placement.fair_share(singletons, runners - 1)
     assert sum(cluster.held()) == singletons and max(cluster.held()) <= share
     cluster.join()
