@@ -29,6 +29,8 @@ second (renewals come in bursts, which end-minus-start would count by whole burs
 PostgreSQL the lease rows updated are cross-checked with ``pg_stat_user_tables``, sampled
 the same way. The server's transaction counters are not used: a session that only reads
 can leave its counts unflushed for a minute or more, which makes windowed rates wrong.
+After the window one runner is stopped (SIGTERM) and one started again, each timed to an
+even spread (``leave_and_join``): how fast placement settles when a runner joins.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ from typing import Any
 import psycopg
 from pydantic import BaseModel, Field
 
-from benchmarks.failover import PG_SERVER, REPO, Procs, machine, wait_for
+from benchmarks.failover import PG_SERVER, REPO, Child, Procs, machine, wait_for
 from cluster_singletons.conf import ClusterSettings
 
 PG_DB = "cluster_singletons_statebench"
@@ -78,16 +80,16 @@ def pg_admin(sql: str) -> None:
         admin.execute(sql)
 
 
-def setup(db: str, tmp: Path) -> None:
+def setup(db: str, tmp: Path, pg_db: str) -> None:
     """Point this process (and the children it starts) at a fresh database of our own."""
     for var in ("CLUSTER_SINGLETONS_JSON", "CLUSTER_DEMO_SINGLETONS", "DATABASE_URL"):
         os.environ.pop(var, None)
     os.environ.update(CLUSTER_VAR_DIR=str(tmp), DJANGO_DEBUG="0", PYTHONUNBUFFERED="1",
                       DJANGO_SETTINGS_MODULE="project.settings")
     if db == "postgres":
-        pg_admin(f"DROP DATABASE IF EXISTS {PG_DB} WITH (FORCE)")
-        pg_admin(f"CREATE DATABASE {PG_DB}")
-        os.environ["DATABASE_URL"] = f"postgres://postgres@127.0.0.1:5432/{PG_DB}"
+        pg_admin(f"DROP DATABASE IF EXISTS {pg_db} WITH (FORCE)")
+        pg_admin(f"CREATE DATABASE {pg_db}")
+        os.environ["DATABASE_URL"] = f"postgres://postgres@127.0.0.1:5432/{pg_db}"
     import django
     from django.core.management import call_command
 
@@ -205,19 +207,17 @@ def bench_renewal(procs: Procs, runners_n: int, singletons: int, window: float,
     files = [procs.tmp / f"count-{tag}-{i}.json" for i in range(runners_n)]
     cmd = [sys.executable, "-m", "benchmarks._counted_runcluster"]
     kids = [procs.start(f"runner-{tag}", [*cmd, str(f)], env, REPO) for f in files]
-    share = math.ceil(singletons / runners_n)
     t0 = time.monotonic()
     try:
         wait_for(f"{tag}: runners to start", lambda: all(f.exists() for f in files), 120, 0.2)
 
         def settled() -> bool:
-            held = distribution("singleton:many-")
             if any(not k.alive for k in kids):
                 raise RuntimeError(f"{tag}: a runner exited; see {procs.tmp}")
             print(f"  {tag} {time.monotonic() - t0:5.0f}s held per runner:"
-                  f" {sorted(held.values())}", file=sys.stderr, end="\r", flush=True)
-            return (sum(held.values()) == singletons and len(held) == runners_n
-                    and max(held.values()) <= share)
+                  f" {sorted(distribution('singleton:many-').values())}", file=sys.stderr,
+                  end="\r", flush=True)
+            return spread(runners_n, singletons)
 
         try:
             wait_for(f"{tag}: leases held and spread", settled, settle_timeout, 1.0)
@@ -239,6 +239,7 @@ def bench_renewal(procs: Procs, runners_n: int, singletons: int, window: float,
             time.sleep(1.0)
         held = distribution("singleton:many-")
         acquisitions = sum(Lease.objects.values_list("epoch", flat=True)) - epoch_sum
+        leave_s, join_s = leave_and_join(procs, kids, cmd, env, tag, singletons, settle_timeout)
     finally:
         for kid in kids:
             kid.stop(15)
@@ -254,6 +255,7 @@ def bench_renewal(procs: Procs, runners_n: int, singletons: int, window: float,
         return round(sum(v for k, v in rate.items() if k.startswith(prefixes)), 2)
 
     out = {"runners": runners_n, "singletons": singletons, "settle_s": settle_s,
+           "leave_s": leave_s, "join_s": join_s,
            "held_per_runner": sorted(held.values()), "acquisitions": acquisitions,
            "statements_s": total("stmt "), "write_statements_s": total(*WRITE_VERBS),
            "select_s": total("stmt SELECT"), "liveness_statements_s": total("stmt psycopg"),
@@ -264,6 +266,43 @@ def bench_renewal(procs: Procs, runners_n: int, singletons: int, window: float,
     if pg is not None:
         out["pg_stat_lease_rows_updated_s"] = round(slope(points), 1)
     return out
+
+
+def spread(runners_n: int, singletons: int) -> bool:
+    """Every lease held, by ``runners_n`` runners, none above its fair share."""
+    held = distribution("singleton:many-")
+    return (sum(held.values()) == singletons and len(held) == runners_n
+            and max(held.values()) <= math.ceil(singletons / runners_n))
+
+
+def leave_and_join(procs: Procs, kids: list[Child], cmd: list[str], env: dict[str, str], tag: str,
+                   singletons: int, timeout: float) -> tuple[float | None, float | None]:
+    """After the window: SIGTERM one runner and time how long the others take to even out
+    (from its exit); then start a runner again and time how long placement takes to even
+    out with it (from its registration). Polled every 0.1 s; None = not within ``timeout``."""
+    from cluster_singletons.models import Runner
+
+    runners_n = len(kids)
+    kids[-1].stop(15)
+    left_at = time.monotonic()
+    try:
+        wait_for(f"{tag}: spread after a runner left", lambda: spread(runners_n - 1, singletons),
+                 timeout, 0.1)
+        leave_s: float | None = round(time.monotonic() - left_at, 1)
+    except TimeoutError:
+        leave_s = None
+    kids.append(procs.start(f"runner-{tag}-join", [*cmd, str(procs.tmp / f"count-{tag}-join.json")],
+                            env, REPO))
+    wait_for(f"{tag}: the joining runner to register",
+             lambda: Runner.objects.filter(stopping=False).count() == runners_n, 120, 0.02)
+    joined_at = time.monotonic()
+    try:
+        wait_for(f"{tag}: spread after a runner joined", lambda: spread(runners_n, singletons),
+                 timeout, 0.1)
+        join_s: float | None = round(time.monotonic() - joined_at, 1)
+    except TimeoutError:
+        join_s = None
+    return leave_s, join_s
 
 
 # -- report ------------------------------------------------------------------------------------
@@ -293,6 +332,7 @@ def print_report(db: str, save: dict[str, Any], renewal: list[dict[str, Any]]) -
     print()
     table(renewal, [
         ("runners", "runners", 7), ("singletons", "singletons", 10), ("settle s", "settle_s", 8),
+        ("leave s", "leave_s", 7), ("join s", "join_s", 6),
         ("stmts/s", "statements_s", 8), ("writes/s", "write_statements_s", 8),
         ("SELECT/s", "select_s", 8), ("liveness/s", "liveness_statements_s", 10),
         ("tx/s", "transactions_s", 7), ("lease rows/s", "lease_rows_written_s", 12),
@@ -303,7 +343,10 @@ def print_report(db: str, save: dict[str, Any], renewal: list[dict[str, Any]]) -
           " PostgreSQL liveness sessions' statements; tx = transactions (autocommit statements"
           " + commits); lease rows = lease rows the runners' UPDATEs touched, pg_stat = the same"
           " from pg_stat_user_tables; acquired = lease epochs raised from settling to the end"
-          " of the window; settle '-' = not spread within --settle-timeout)")
+          " of the window; settle = from starting the runners together to an even spread, leave ="
+          " from one runner's exit after the window (SIGTERM) to an even spread over the others,"
+          " join = from a runner's registration after that to an even spread with it; '-' = not"
+          " within --settle-timeout)")
 
 
 def main() -> None:
@@ -315,13 +358,15 @@ def main() -> None:
     parser.add_argument("--settle-timeout", type=float, default=300.0)
     parser.add_argument("--shapes", default="4x1000,4x100,2x1000,2x100",
                         help="renewal cases RUNNERSxSINGLETONS, comma-separated ('' skips)")
+    parser.add_argument("--pg-database", default=PG_DB,
+                        help="the PostgreSQL database to create, use and drop")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks
     tmp = Path(tempfile.mkdtemp(prefix="cs-statebench-"))
     procs = Procs(tmp)
     pg = None
     try:
-        setup(args.db, tmp)
+        setup(args.db, tmp, args.pg_database)
         from django.db import connection
 
         with connection.cursor() as cursor:
@@ -330,7 +375,7 @@ def main() -> None:
             db_version = f"{connection.display_name} {cursor.fetchone()[0]}"
         save = bench_save(args.n, args.warmup)
         if args.db == "postgres":
-            pg = psycopg.connect(f"{PG_SERVER}/{PG_DB}", autocommit=True)
+            pg = psycopg.connect(f"{PG_SERVER}/{args.pg_database}", autocommit=True)
         shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",") if s]
         renewal = [bench_renewal(procs, r, m, args.window, args.settle_timeout, pg)
                    for r, m in shapes]
@@ -342,7 +387,7 @@ def main() -> None:
             from django.db import connections
 
             connections.close_all()
-            pg_admin(f"DROP DATABASE IF EXISTS {PG_DB} WITH (FORCE)")
+            pg_admin(f"DROP DATABASE IF EXISTS {args.pg_database} WITH (FORCE)")
         shutil.rmtree(tmp, ignore_errors=True)
     print_report(args.db, save, renewal)
     print(machine(db_version))

@@ -11,12 +11,16 @@ error path, so its next attempt connects afresh.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
-from django.db import DatabaseError, connections
+from django.db import DatabaseError, InterfaceError, connections
 
 from cluster_singletons.errors import describe
+from cluster_singletons.pacing import Backoff
 
 logger = logging.getLogger("cluster_singletons")
+
+DATABASE_ERRORS = (DatabaseError, InterfaceError)
 
 
 def drop_if_unusable(using: str | None = None) -> None:
@@ -39,3 +43,47 @@ def drop_if_unusable(using: str | None = None) -> None:
             # Closing a socket the server already dropped may fail; the connection is gone
             # either way (Django forgets it), which is what was wanted.
             logger.debug("closing the broken connection to %r: %s", connection.alias, describe(exc))
+
+
+class Attempts:
+    """The database attempts of one loop (a runner's coordinator): an error is logged in
+    one line naming ``who()``, paced by the capped ``backoff`` (reset by a success), and
+    drops the connection if it broke, so the next attempt connects again."""
+
+    def __init__(self, backoff: Backoff, *, using: str, who: Callable[[], object]) -> None:
+        self.backoff, self.using, self._who = backoff, using, who
+
+    def attempt(self, what: str) -> Attempt:
+        return Attempt(self, what)
+
+
+class Attempt:
+    """Context manager for one attempt: database errors are caught (``failed``, and
+    ``delay`` before the next try); any other exception propagates."""
+
+    def __init__(self, attempts: Attempts, what: str) -> None:
+        self.attempts, self.what = attempts, what
+        self.failed = False
+        self.delay = 0.0
+
+    def __enter__(self) -> Attempt:
+        return self
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> bool:
+        attempts = self.attempts
+        if exc is None:
+            attempts.backoff = attempts.backoff.reset()
+            return False
+        if not isinstance(exc, DATABASE_ERRORS):
+            return False
+        self.failed, self.delay = True, attempts.backoff.delay
+        logger.warning(
+            "runner %s: %s failed (%s); retrying in %.1fs",
+            attempts._who(),
+            self.what,
+            describe(exc),
+            self.delay,
+        )
+        attempts.backoff = attempts.backoff.failed()
+        drop_if_unusable(attempts.using)
+        return True

@@ -3,7 +3,7 @@
 ``step(now)`` asks ``decisions`` what to do (give up terms, react to ended work, renew,
 poll, restart, prune) and does it against the stores: renewing every held lease in one
 statement, polling every due standing lease in one read, taking the ones found free,
-handing off a placed lease when this runner holds more than its share. The runner
+handing off the placed leases this runner holds above its share. The runner
 (``runner``) adds the process's lifecycle around it: registration, the loop's thread,
 shutdown.
 
@@ -26,10 +26,8 @@ import socket
 import threading
 from collections.abc import Iterator, Mapping
 
-from django.db import DatabaseError, InterfaceError
-
 from cluster_singletons import metrics
-from cluster_singletons._connection import drop_if_unusable
+from cluster_singletons._connection import Attempt, Attempts
 from cluster_singletons.clock import Clock, SystemClock
 from cluster_singletons.cluster import decisions, leases, membership, placement
 from cluster_singletons.cluster.crash_detection import CrashDetection
@@ -39,12 +37,10 @@ from cluster_singletons.cluster.leadership import LeaderWork
 from cluster_singletons.cluster.placement import View
 from cluster_singletons.cluster.slot import Slot
 from cluster_singletons.conf import ClusterSettings, get_settings
-from cluster_singletons.errors import describe
 from cluster_singletons.pacing import Backoff, belief_window
 
 logger = logging.getLogger("cluster_singletons.runner")
 
-DATABASE_ERRORS = (DatabaseError, InterfaceError)
 _PRUNE_EVERY = 60.0
 #: Renewal intervals a runner leaves a lease it handed off alone for the target to take it;
 #: if the target never does (it stopped meanwhile), the lease is orphaned no longer than this.
@@ -77,7 +73,11 @@ class Coordinator:
             prefix + name: Slot(name=prefix + name, work=fn) for name, fn in work.items()
         }
         self._placed = placement.Placed(
-            None if placement_prefix is None else prefix + placement_prefix, self._slots
+            None if placement_prefix is None else prefix + placement_prefix,
+            self._slots,
+            clock=self.clock,
+            patience=self.settings.renew_interval,
+            poll_every=self.settings.acquire_interval,
         )
         self.runner_id: int | None = None
         self.error: BaseException | None = None
@@ -90,7 +90,9 @@ class Coordinator:
             using=self.using,
             on_release=self._on_release,
         )
-        self._db_backoff = Backoff.from_settings(self.settings)
+        self._attempts = Attempts(
+            Backoff.from_settings(self.settings), using=self.using, who=lambda: self.runner_id
+        )
         self._next_heartbeat = 0.0
         self._next_prune = 0.0
         #: Terms this runner stepped down from whose lease rows may still name it.
@@ -152,8 +154,8 @@ class Coordinator:
             heartbeat=self._next_heartbeat, prune=self._next_prune, liveness=self._crash.retry
         )
 
-    def _db(self, what: str) -> _DbAttempt:
-        return _DbAttempt(self, what)
+    def _db(self, what: str) -> Attempt:
+        return self._attempts.attempt(what)
 
     def _heartbeat(self, now: float) -> None:
         assert self.runner_id is not None
@@ -251,17 +253,23 @@ class Coordinator:
         return self._placed.poll_interval(self.runner_id, slot.name, self.settings.acquire_interval)
 
     def _rebalance(self, now: float) -> None:
-        """Hand off one placed lease if this runner holds more than its fair share."""
+        """Hand off every placed lease this runner holds above its fair share, each to the
+        runner placement chose, in this one renewal. Placement failing is logged and
+        costs only this renewal's handoff, never the loop."""
         assert self.runner_id is not None
         mine = [slot.name for slot in self._slots.values() if slot.term]
-        proposal = self._placed.handoff(self.runner_id, mine)
-        if proposal is None:
+        try:
+            proposals = self._placed.handoff(self.runner_id, mine)
+        except Exception:
+            logger.exception(
+                "runner %s: placement failed; no handoff at this renewal", self.runner_id
+            )
             return
-        name, target = proposal
-        slot = self._slots[name]
-        self._step_down(slot, f"handing off to runner {target} to balance the cluster")
-        # Stay away long enough for the target to take it.
-        slot.next_acquire = now + _HANDOFF_COOLDOWN * self.settings.renew_interval
+        for name, target in proposals:
+            slot = self._slots[name]
+            self._step_down(slot, f"handing off to runner {target} to balance the cluster")
+            # Stay away long enough for the target to take it.
+            slot.next_acquire = now + _HANDOFF_COOLDOWN * self.settings.renew_interval
 
     def _start_work(self, slot: Slot) -> None:
         slot.start_work(
@@ -358,35 +366,3 @@ class Coordinator:
             ):
                 slot.next_acquire = min(slot.next_acquire, self.clock.monotonic())
         self._wake.set()
-
-
-class _DbAttempt:
-    """Context manager: a database error is logged in one line, paced by backoff, and
-    drops the connection if it broke, so the next attempt connects again."""
-
-    def __init__(self, runner: Coordinator, what: str) -> None:
-        self.runner, self.what = runner, what
-        self.failed = False
-        self.delay = 0.0
-
-    def __enter__(self) -> _DbAttempt:
-        return self
-
-    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> bool:
-        runner = self.runner
-        if exc is None:
-            runner._db_backoff = runner._db_backoff.reset()
-            return False
-        if not isinstance(exc, DATABASE_ERRORS):
-            return False
-        self.failed, self.delay = True, runner._db_backoff.delay
-        logger.warning(
-            "runner %s: %s failed (%s); retrying in %.1fs",
-            runner.runner_id,
-            self.what,
-            describe(exc),
-            self.delay,
-        )
-        runner._db_backoff = runner._db_backoff.failed()
-        drop_if_unusable(runner.using)
-        return True

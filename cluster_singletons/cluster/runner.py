@@ -23,9 +23,9 @@ import threading
 
 from django.db import connections
 
-from cluster_singletons._connection import drop_if_unusable
+from cluster_singletons._connection import DATABASE_ERRORS, drop_if_unusable
 from cluster_singletons.cluster import leases, membership
-from cluster_singletons.cluster.coordinator import DATABASE_ERRORS, Coordinator
+from cluster_singletons.cluster.coordinator import Coordinator
 from cluster_singletons.errors import DatabaseUnavailable, describe
 
 logger = logging.getLogger("cluster_singletons.runner")
@@ -82,7 +82,7 @@ class Runner(Coordinator):
     def register(self) -> bool:
         """Register, retrying with capped backoff up to ``startup_timeout``; False if it gave up."""
         start = self.clock.monotonic()
-        backoff = self._db_backoff
+        backoff = self._attempts.backoff
         host = socket.gethostname()
         while not self._stopping.is_set():
             try:

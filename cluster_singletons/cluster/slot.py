@@ -13,8 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from django.db import DatabaseError, InterfaceError, connections
+from django.db import connections
 
+from cluster_singletons._connection import DATABASE_ERRORS
 from cluster_singletons.clock import Clock
 from cluster_singletons.cluster.decisions import Ended, SlotState
 from cluster_singletons.cluster.fencing import Term
@@ -98,7 +99,7 @@ class Slot:
         except LeadershipLost as exc:
             logger.warning("fenced write refused: %s", exc)
             self.outcome = "fenced-out"
-        except (DatabaseError, InterfaceError) as exc:
+        except DATABASE_ERRORS as exc:
             # The database went away under it: one line, not a traceback per restart.
             logger.warning(
                 "leader work for %r stopped: database error (%s)", self.name, describe(exc)

@@ -11,12 +11,13 @@ from django.db import OperationalError
 from django.db.models.functions import Now
 
 from cluster_singletons.clock import FrozenClock
-from cluster_singletons.cluster import fencing, leases, membership
+from cluster_singletons.cluster import fencing, leases, membership, placement
 from cluster_singletons.cluster.leadership import Leadership, idle
 from cluster_singletons.cluster.runner import Runner
 from cluster_singletons.conf import ClusterSettings
 from cluster_singletons.models import Lease
 from cluster_singletons.models import Runner as RunnerRow
+from cluster_singletons.singletons.registry import LEASE_PREFIX
 from project.demo.localcluster import poll
 from tests.tcpproxy import end_session
 
@@ -208,3 +209,102 @@ def _work_alive(runner: Runner) -> bool:
     return any(
         slot.thread is not None and slot.thread.is_alive() for slot in runner._slots.values()
     )
+
+
+# -- placement: in-process runners on one frozen clock ------------------------------------
+
+
+class _Cluster:
+    """Runners placing ``names`` over themselves, each stepped when its loop would be: at the
+    time its last step returned, or at once when woken (work ended, as ``Runner.run``)."""
+
+    def __init__(self, names: list[str], clock: FrozenClock, made: list[Runner]) -> None:
+        self.names, self.clock, self.made = names, clock, made
+        self.due: dict[Runner, float] = {}
+
+    def join(self) -> Runner:
+        runner = Runner(
+            dict.fromkeys(self.names, idle),
+            settings=SETTINGS,
+            clock=self.clock,
+            placement_prefix=LEASE_PREFIX,
+        )
+        self.made.append(runner)
+        assert runner.register()
+        self.due[runner] = self.clock.monotonic()
+        return runner
+
+    def run(self, seconds: float) -> None:
+        until = self.clock.monotonic() + seconds
+        while True:
+            now = self.clock.monotonic()
+            ready = [r for r, at in self.due.items() if at <= now or r._wake.is_set()]
+            for runner in ready:
+                runner._wake.clear()
+                self.due[runner] = runner.step(now)
+                # Work told to stop ends on its own thread; wait for it (real time, not the
+                # clock), so the runner's wake-up comes at this instant, as it would.
+                poll("stepped-down work to end", lambda r=runner: not _stopping(r), timeout=10)
+            if not ready:
+                next_at = min(self.due.values())
+                if next_at > until:
+                    self.clock.advance(until - now)
+                    return
+                self.clock.advance(next_at - now)
+
+    def held(self) -> list[int]:
+        """Unexpired placed leases per runner, by the database, every runner listed."""
+        rows = Lease.objects.filter(
+            name__startswith=LEASE_PREFIX, holder__isnull=False, expires_at__gt=Now()
+        ).values_list("holder_id", flat=True)
+        return sorted(sum(1 for holder in rows if holder == r.runner_id) for r in self.due)
+
+    def epochs(self) -> int:
+        return sum(Lease.objects.values_list("epoch", flat=True))
+
+
+def _stopping(runner: Runner) -> bool:
+    return any(s.term is None and s.alive for s in runner._slots.values())
+
+
+#: When the newcomer registers, after the others' renewal: at it, just after it (the longest
+#: they take to see the newcomer), half an interval after it.
+@pytest.mark.parametrize("phase", [0.0, 0.1, 1.5])
+@pytest.mark.parametrize(("runners", "singletons"), [(2, 7), (3, 10), (4, 30), (4, 100)])
+def test_placement_settles_within_two_renewals_of_a_runner_joining_then_nothing_moves(
+    clock: FrozenClock, made: list[Runner], runners: int, singletons: int, phase: float
+) -> None:
+    cluster = _Cluster([f"{LEASE_PREFIX}p{i}" for i in range(singletons)], clock, made)
+    for _ in range(runners - 1):
+        cluster.join()
+    cluster.run(4 * SETTINGS.renew_interval + phase)
+    share = placement.fair_share(singletons, runners - 1)
+    assert sum(cluster.held()) == singletons and max(cluster.held()) <= share
+    cluster.join()
+    cluster.run(2 * SETTINGS.renew_interval)
+    held, share = cluster.held(), placement.fair_share(singletons, runners)
+    assert sum(held) == singletons, held
+    assert max(held) <= share, f"not settled two renewals after a runner joined: {held}"
+    epochs = cluster.epochs()
+    cluster.run(5 * SETTINGS.renew_interval)
+    assert cluster.held() == held
+    assert cluster.epochs() == epochs, "a lease changed hands once every runner was at its share"
+
+
+def test_a_placement_failure_is_logged_and_the_runner_keeps_leading(
+    clock: FrozenClock,
+    made: list[Runner],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    cluster = _Cluster([f"{LEASE_PREFIX}p{i}" for i in range(3)], clock, made)
+    runner = cluster.join()
+    cluster.run(SETTINGS.renew_interval)
+
+    def broken(*args: object) -> list[tuple[str, int]]:
+        raise ValueError("min() arg is an empty sequence")
+
+    monkeypatch.setattr(placement, "handoff", broken)
+    cluster.run(2 * SETTINGS.renew_interval)  # renewals call placement
+    assert all(runner.leads(f"{LEASE_PREFIX}p{i}") for i in range(3))
+    assert "placement failed" in caplog.text
