@@ -146,24 +146,34 @@ def acquire(
     return Term(name=name, runner_id=runner_id, epoch=epoch)
 
 
+#: Terms renewed by one statement at most.
+_RENEW_CHUNK = 400
+
+
 def renew(runner_id: int, terms: Iterable[Term], *, ttl: float, using: str) -> set[str]:
     """Extend every unexpired lease of ``terms`` still held at its epoch; return their names.
 
     - A term missing from the result is over (expired, taken, released, or an operator
       asked for a handoff): its holder must step down.
-    - One UPDATE for all terms, so renewal cost does not grow with round trips.
+    - One UPDATE per ``_RENEW_CHUNK`` terms (one for all but the largest holders), in one
+      transaction, so renewal cost does not grow with round trips; SQLite cannot parse a
+      condition of a thousand terms ("Expression tree is too large").
     """
     terms = list(terms)
-    if not terms:
-        return set()
-    same_term = functools.reduce(operator.or_, (Q(name=t.name, epoch=t.epoch) for t in terms))
-    held = Lease.objects.using(using).filter(
-        same_term, holder_id=runner_id, handoff_requested=False
-    )
+    kept: set[str] = set()
     with bounded(using=using, ttl=ttl):
-        held.filter(expires_at__gt=Now()).update(renewed_at=Now(), expires_at=_expires_in(ttl))
-        # Rows we just renewed are locked by us; unrenewed ones have already expired.
-        return set(held.filter(expires_at__gt=Now()).values_list("name", flat=True))
+        for start in range(0, len(terms), _RENEW_CHUNK):
+            chunk = terms[start : start + _RENEW_CHUNK]
+            same_term = functools.reduce(
+                operator.or_, (Q(name=t.name, epoch=t.epoch) for t in chunk)
+            )
+            held = Lease.objects.using(using).filter(
+                same_term, holder_id=runner_id, handoff_requested=False
+            )
+            held.filter(expires_at__gt=Now()).update(renewed_at=Now(), expires_at=_expires_in(ttl))
+            # Rows we just renewed are locked by us; unrenewed ones have already expired.
+            kept.update(held.filter(expires_at__gt=Now()).values_list("name", flat=True))
+    return kept
 
 
 def request_handoff(name: str, *, using: str) -> bool:

@@ -190,3 +190,15 @@ def test_a_runner_paused_inside_its_renewal_cannot_block_takeover_beyond_the_ttl
     thread.join()
     assert taken is not None and taken.epoch == term.epoch + 1
     assert waited < 4, f"takeover waited {waited:.1f}s for a paused holder's locks"
+
+
+def test_renew_covers_a_thousand_and_more_leases() -> None:
+    """SQLite cannot parse one condition of a thousand terms; renewal must still hold them."""
+    names = [f"many-{i}" for i in range(1_200)]
+    leases.ensure(names, using=USING)
+    me = _runner()
+    terms = [leases.acquire(n, me, ttl=TTL, using=USING) for n in names]
+    assert all(terms)
+    _expire("many-7")
+    kept = leases.renew(me, [t for t in terms if t], ttl=TTL, using=USING)
+    assert kept == set(names) - {"many-7"}
