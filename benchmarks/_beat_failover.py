@@ -18,10 +18,11 @@ unless ``--keep-ledger`` (its size at the kill is reported):
    (``--standby-window`` s): each standby's CPU (utime + stime, /proc/<pid>/stat) per
    minute, its RSS and peak RSS (VmRSS, VmHWM), and the CPU of its PostgreSQL backends
    (matched by the client ports of its sockets; none behind a pooler); database-wide
-   counters again. ``db reads/s per standby`` = (B - A) / standbys of ``pg_stat_database``
-   ``tup_returned + tup_fetched`` (rows read) and ``xact_commit`` per second: the counters
-   are database-wide and flushed by each backend about once a second (an idle one within
-   10 s), so this is an estimate; pg_stat_statements is not loaded on this server;
+   counters again. ``db reads/s per standby`` = (B - A) / standbys of ``xact_commit`` and
+   of rows read: ``pg_stat_database`` ``tup_returned + tup_fetched``, and the rows and index
+   entries read in user relations but the ledger (``pg_stat_user_tables`` /
+   ``_indexes``; only a leader reads the ledger). Database-wide counters: an estimate
+   (``benchmarks._standby_cost``); pg_stat_statements is not loaded on this server;
 4. after a random 0..``renew_interval`` s, SIGKILL the leader at ``t_kill`` (this process's
    wall clock just before ``os.kill``); poll the lease every 10 ms for the new holder;
 5. wait until every tick due in [t_kill, t_kill + ``--window``) is published (at most
@@ -175,6 +176,7 @@ class Trial:
             {self.ids[c.pid]: c for c in standbys}, a.standby_window, _standby_cost.rates(c0, c1)
         )
         out["leader_cpu_s_per_min_alone"] = round(((l1 or 0) - (l0 or 0)) / a.alone_window * 60, 2)
+        out["leader_memory_mb"] = _standby_cost.memory_mb(leader.pid)
         out["leader_steady_before_kill"] = caught_up()
         out["ledger_rows_at_kill"] = Run.objects.count()
         spies = _leader_profile.start(standbys, a.profile, self.number) if a.profile else []

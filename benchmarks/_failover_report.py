@@ -32,7 +32,7 @@ def summary(trials: list[dict[str, Any]]) -> dict[str, Any]:
     per = [p for t in trials for p in t["standby"]["per_standby"]]
     for key in ("cpu_s_per_min", "vmrss", "vmhwm", "pg_backend_cpu_s_per_min"):
         both(f"standby_{key}", [p[key] for p in per if p.get(key) is not None])
-    for key in ("xact_commit", "rows_read"):
+    for key in ("xact_commit", "rows_read", "rows_read_outside_ledger"):
         both(f"standby_db_{key}_per_s", [t["standby"]["db_per_standby_per_s"][key] for t in trials])
     return out
 
@@ -92,6 +92,12 @@ def print_report(res: dict[str, Any]) -> None:
             f" {p['vmrss']} MB (peak {p['vmhwm']}), {p['pg_backends']} backends"
             f" CPU {cell(p['pg_backend_cpu_s_per_min'])} s/min"
             for p in s["per_standby"]
+        )
+        leader = t["leader_memory_mb"]
+        print(
+            f"  trial {t['trial']}: the leader (for comparison): CPU"
+            f" {t['leader_cpu_s_per_min_alone']} s/min alone, RSS {leader['VmRSS']} MB (peak"
+            f" {leader['VmHWM']})"
         )
         print(
             f"  trial {t['trial']}: {per}; database per standby (with - without) per s:"

@@ -5,7 +5,9 @@ and peak RSS (VmRSS, VmHWM), the CPU of the PostgreSQL backends serving the proc
 by the client ports of its sockets; none behind a pooler), and database-wide
 ``pg_stat_database`` counters. Those counters are flushed by each backend about once a
 second (an idle one within 10 s) and count every session, so a standby's share is
-estimated as (window with the standbys - window with the leader alone) / standbys.
+estimated as (window with the standbys - window with the leader alone) / standbys; as the
+leader's own reads drift (its ledger grows), ``rows_read_outside_ledger`` leaves out the
+reads of the ledger's table and indexes, which only a leader reads.
 pg_stat_statements would not help: it is not loaded on this server, nor per backend.
 """
 
@@ -20,13 +22,15 @@ from benchmarks.beat import cpu_seconds
 from benchmarks.failover import Child
 
 DB_COUNTERS = ("xact_commit", "tup_returned", "tup_fetched", "blks_hit", "blks_read")
-#: Reads by relation: rows a table's sequential scans read, index entries an index's scans
-#: (plain and bitmap) returned.
+#: Reads by relation (name, its table): rows a table's sequential scans read, index entries
+#: an index's scans (plain and bitmap) returned.
 TABLE_SQL = (
-    "SELECT 'seq ' || relname, seq_scan, seq_tup_read FROM pg_stat_user_tables"
-    " UNION ALL SELECT 'idx ' || indexrelname, idx_scan, idx_tup_read FROM pg_stat_user_indexes"
+    "SELECT 'seq ' || relname, relname, seq_scan, seq_tup_read FROM pg_stat_user_tables"
+    " UNION ALL SELECT 'idx ' || indexrelname, relname, idx_scan, idx_tup_read"
+    " FROM pg_stat_user_indexes"
 )
-TABLE_FIELDS = ("scans", "rows")
+#: Only a leader reads the ledger: its reads are left out of a standby's share.
+LEDGER = "cluster_singletons_run"
 TOP_TABLES = 5
 
 
@@ -40,38 +44,32 @@ def query(sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
 
 def db_counters() -> dict[str, Any]:
     """``pg_stat_database`` counters of the bench database, the reads of each table and
-    index (``TABLE_SQL``), and when they were read."""
+    index (``TABLE_SQL``: name -> (table, scans, rows)), and when they were read."""
     row = query(
         f"SELECT {', '.join(DB_COUNTERS)} FROM pg_stat_database WHERE datname = current_database()"
     )[0]
-    tables = {name: counts for name, *counts in query(TABLE_SQL)}
     return {
         "t": time.time(),
         **dict(zip(DB_COUNTERS, map(float, row), strict=True)),
-        "tables": tables,
+        "tables": {name: counts for name, *counts in query(TABLE_SQL)},
     }
 
 
 def rates(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    """Per second from ``a`` to ``b``; ``tables``: the ``TOP_TABLES`` most read."""
+    """Per second from ``a`` to ``b``; ``rows_read_outside_ledger``: rows and index entries
+    read in user relations other than the ledger's; ``tables``: the ``TOP_TABLES`` most read
+    relations."""
     dt = b["t"] - a["t"]
     out: dict[str, Any] = {k: round((b[k] - a[k]) / dt, 1) for k in DB_COUNTERS}
     out["rows_read"] = round(out["tup_returned"] + out["tup_fetched"], 1)
-    tables = {
-        name: dict(
-            zip(
-                TABLE_FIELDS,
-                (
-                    round((x - y) / dt, 1)
-                    for x, y in zip(after, a["tables"].get(name, (0, 0)), strict=True)
-                ),
-                strict=True,
-            )
-        )
-        for name, after in b["tables"].items()
-    }
-    read = sorted(tables, key=lambda n: -tables[n]["rows"])
-    out["tables"] = {name: tables[name] for name in read[:TOP_TABLES]}
+    tables = {}
+    for name, (table, scans, rows) in b["tables"].items():
+        _, scans0, rows0 = a["tables"].get(name, (table, 0, 0))
+        tables[name] = {"scans": (scans - scans0) / dt, "rows": (rows - rows0) / dt, "t": table}
+    outside = sum(v["rows"] for v in tables.values() if v["t"] != LEDGER)
+    out["rows_read_outside_ledger"] = round(outside, 1)
+    read = sorted(tables, key=lambda n: -tables[n]["rows"])[:TOP_TABLES]
+    out["tables"] = {n: {k: round(tables[n][k], 1) for k in ("scans", "rows")} for n in read}
     return out
 
 
@@ -139,6 +137,7 @@ def measure(standbys: dict[int, Child], window: float, alone: dict[str, float]) 
         "db_alone_per_s": alone,
         "db_with_standbys_per_s": both,
         "db_per_standby_per_s": {
-            k: round((both[k] - alone[k]) / n, 1) for k in ("xact_commit", "rows_read", "blks_hit")
+            k: round((both[k] - alone[k]) / n, 1)
+            for k in ("xact_commit", "rows_read", "rows_read_outside_ledger", "blks_hit")
         },
     }
