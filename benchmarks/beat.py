@@ -206,6 +206,16 @@ def overdue(at: float) -> int:
     return n
 
 
+def caught_up() -> bool:
+    """Whether the last ``CAUGHT_UP_ROWS`` ledger rows published were on time (each
+    published less than ``CAUGHT_UP_S`` after its tick): the startup backlog is drained."""
+    from cluster_singletons.models import Run
+
+    recent = Run.objects.filter(published_at__isnull=False).order_by("-id").values_list(
+        "tick", "published_at")[:CAUGHT_UP_ROWS]
+    return bool(recent) and all((p - t).total_seconds() < CAUGHT_UP_S for t, p in recent)
+
+
 # -- processes, CPU -------------------------------------------------------------------------
 
 
@@ -312,15 +322,18 @@ def lat_summary(ms: list[float]) -> dict[str, Any]:
 
 
 class Bench:
-    def __init__(self, args: argparse.Namespace, tmp: Path) -> None:
-        self.args, self.tmp, self.procs = args, tmp, Procs(tmp)
+    """The bench's processes, its environment and its fresh database (PostgreSQL ``pg_db``
+    or SQLite in ``tmp``); ``benchmarks.failover --schedules`` runs on it too."""
+
+    def __init__(self, args: argparse.Namespace, tmp: Path, pg_db: str = PG_DB) -> None:
+        self.args, self.tmp, self.procs, self.pg_db = args, tmp, Procs(tmp), pg_db
         self.pg = PgBackends(args.db)
         env = {k: v for k, v in os.environ.items()
                if k not in {"CLUSTER_SINGLETONS_JSON", "DATABASE_URL", "CELERY_BROKER_URL"}}
         env.update(CLUSTER_VAR_DIR=str(tmp), PYTHONUNBUFFERED="1", DJANGO_DEBUG="0",
                    DJANGO_SETTINGS_MODULE="project.settings", CLUSTER_DEMO_SINGLETONS="none")
         if args.db == "postgres":
-            env["DATABASE_URL"] = f"postgres://postgres@127.0.0.1:5432/{PG_DB}"
+            env["DATABASE_URL"] = f"postgres://postgres@127.0.0.1:5432/{pg_db}"
         self.env = env
 
     # database
@@ -341,8 +354,8 @@ class Bench:
 
         connections.close_all()
         if self.args.db == "postgres":
-            pg_admin(f"DROP DATABASE IF EXISTS {PG_DB} WITH (FORCE)")
-            pg_admin(f"CREATE DATABASE {PG_DB}")
+            pg_admin(f"DROP DATABASE IF EXISTS {self.pg_db} WITH (FORCE)")
+            pg_admin(f"CREATE DATABASE {self.pg_db}")
         else:
             for suffix in ("", "-wal", "-shm"):
                 (self.tmp / f"db.sqlite3{suffix}").unlink(missing_ok=True)
@@ -394,12 +407,6 @@ class Bench:
                 out["engine_loaded_s"] = round(at - t_spawn, 3)
             t0 = max(time.time(), first.timestamp() + a.warmup)
             sleep_until(t0, child)
-
-            def caught_up() -> bool:  # the last rows published were on time
-                recent = Run.objects.filter(published_at__isnull=False).order_by("-id").values_list(
-                    "tick", "published_at")[:CAUGHT_UP_ROWS]
-                return bool(recent) and all((p - t).total_seconds() < CAUGHT_UP_S
-                                            for t, p in recent)
 
             try:  # open the window once the startup backlog is drained, if it gets drained
                 wait_for("the leader to catch up", caught_up,

@@ -1,6 +1,10 @@
 """Leader takeover time: our ``runcluster`` leases (default settings) vs celery-redbeat's lock.
 
     .venv/bin/python -m benchmarks.failover --db sqlite|postgres --trials N [--pooler pgbouncer]
+    .venv/bin/python -m benchmarks.failover --db postgres --schedules N [--trials K] [...]
+
+With ``--schedules N``: the beat's failover end to end with N schedules (kill to the first
+on-time tick, ticks published late, what a standby costs); see ``benchmarks._beat_failover``.
 
 Ours: three ``runcluster`` processes on a fresh database. Each trial waits until ``beat``
 has a holder, waits a random 1 s + U(0, renew_interval) so the signal lands at a random
@@ -385,9 +389,13 @@ def machine(db_version: str) -> str:
 
 
 def main() -> None:
+    from benchmarks import _beat_failover  # it builds on this module and benchmarks.beat
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--db", choices=["sqlite", "postgres"], required=True)
-    parser.add_argument("--trials", type=int, default=10, help="trials per signal case")
+    parser.add_argument("--trials", type=int, default=None,
+                        help="trials per signal case (default 10); with --schedules, kills"
+                        " (default 3)")
     parser.add_argument("--redbeat-trials", type=int, default=5)
     parser.add_argument("--redbeat-cap", type=float, default=120.0,
                         help="seconds to wait for a redbeat takeover before giving up")
@@ -395,9 +403,20 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=None, help="seed of the signal delays")
     parser.add_argument("--pooler", choices=["pgbouncer"], default=None,
                         help="runners connect through PgBouncer in transaction mode (postgres)")
+    parser.add_argument("--schedules", type=int, default=None, metavar="N",
+                        help="beat failover end to end at N schedules instead (postgres)")
+    _beat_failover.add_arguments(parser)
     args = parser.parse_args()
     if args.pooler and args.db != "postgres":
         parser.error("--pooler needs --db postgres")
+    if args.schedules is not None:
+        if args.db != "postgres":
+            parser.error("--schedules needs --db postgres")
+        args.trials = 3 if args.trials is None else args.trials
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+        _beat_failover.main(args)
+        return
+    args.trials = 10 if args.trials is None else args.trials
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks
     rng = random.Random(args.seed)
     tmp = Path(tempfile.mkdtemp(prefix="cs-failover-"))
