@@ -44,7 +44,7 @@ def find(name: str) -> Schedule:
         return found[name]
     matches = [s for s in found.values() if s.name == name]
     if len(matches) != 1:
-        raise UnknownSchedule(name)
+        raise UnknownSchedule(name, sorted(found))
     return matches[0]
 
 
@@ -98,11 +98,16 @@ def backfill(name: str, start: datetime, end: datetime) -> tuple[int, int]:
     assert schedule.timetable is not None
     ticks = []
     cursor = start - timedelta(microseconds=1)
-    while (tick := schedule.timetable.next_after(cursor)) is not None and tick <= end:
-        ticks.append(tick)
-        if len(ticks) > MAX_BACKFILL:
-            raise ValueError(f"more than {MAX_BACKFILL} ticks in that range; split it")
-        cursor = tick
+    try:
+        while (tick := schedule.timetable.next_after(cursor)) is not None and tick <= end:
+            ticks.append(tick)
+            if len(ticks) > MAX_BACKFILL:
+                raise ValueError(f"more than {MAX_BACKFILL} ticks in that range; split it")
+            cursor = tick
+    except OverflowError as exc:
+        raise ValueError(
+            f"the ticks of {schedule.key} after {cursor.isoformat()} are past the calendar's end"
+        ) from exc
     ran = ledger.covered(schedule.key, start, end, using=get_settings().database)
     todo = [t for t in ticks if not any(a <= t <= b for a, b in ran)]
     reason = f"backfill {start.isoformat()} .. {end.isoformat()}"
@@ -120,7 +125,13 @@ def backfill(name: str, start: datetime, end: datetime) -> tuple[int, int]:
 
 def prune(older_than: float) -> int:
     """Delete ledger rows older than ``older_than`` seconds (intents not yet published stay)."""
-    before = datetime.now(UTC) - timedelta(seconds=older_than)
+    try:
+        before = datetime.now(UTC) - timedelta(seconds=older_than)
+    except OverflowError as exc:
+        days = (datetime.now(UTC) - datetime.min.replace(tzinfo=UTC)).days
+        raise ValueError(
+            f"{older_than / 86400:.0f} days is more than the calendar holds ({days:,} days back)"
+        ) from exc
     return ledger.prune(before=before, using=get_settings().database)
 
 

@@ -199,12 +199,21 @@ class ScheduleInvalid(ClusterSingletonsError, ValueError):
     """
 
 
+#: Known names an "unknown schedule" error lists at most.
+_KNOWN_SHOWN = 20
+
+
 class UnknownSchedule(ClusterSingletonsError, LookupError):
     """No schedule has this name."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, known: list[str]) -> None:
         self.name = name
-        super().__init__(f"no schedule named {name!r} (see `python manage.py cron_preview --list`)")
+        shown = ", ".join(known[:_KNOWN_SHOWN]) or "none"
+        if len(known) > _KNOWN_SHOWN:
+            shown += (
+                f" and {len(known) - _KNOWN_SHOWN:,} more (`python manage.py cron_preview --list`)"
+            )
+        super().__init__(f"no schedule named {name!r}; known: {shown}")
 
 
 class DeliveryNotCancellable(ClusterSingletonsError):

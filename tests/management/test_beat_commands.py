@@ -106,3 +106,19 @@ def test_prune_keeps_unpublished_intents(settings: Any) -> None:
     assert _call("cluster_prune", "--older-than", "30d").strip() == "deleted 2 ledger row(s)"
     assert sorted(Run.objects.values_list("status", flat=True)) == ["pending", "succeeded"]
     assert control.parse_duration("2w") == 14 * 86400
+
+
+@pytest.mark.usefixtures("hourly")
+def test_out_of_range_input_is_a_one_line_error_not_a_traceback() -> None:
+    with pytest.raises(CommandError, match="more than the calendar holds"):
+        call_command("cluster_prune", "--older-than", "99999999999d")
+    with pytest.raises(CommandError, match="past the calendar's end"):
+        call_command(
+            "cluster_backfill", "hourly", "--start", "9999-12-31T22:30", "--end", "9999-12-31T23:59"
+        )
+
+
+@pytest.mark.usefixtures("hourly")
+def test_an_unknown_schedule_name_lists_the_known_ones() -> None:
+    with pytest.raises(CommandError, match=r"no schedule named 'nope'; known: .*periodic:hourly"):
+        call_command("cluster_schedule", "run", "nope")

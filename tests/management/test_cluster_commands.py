@@ -104,7 +104,7 @@ def test_reset_asks_and_keeps_history(
 @pytest.mark.usefixtures("progress")
 def test_state_show_export_and_a_validated_import(tmp_path: Any) -> None:
     shown = json.loads(_call("singleton_state", "show", "progress"))
-    assert (shown["version"], json.loads(shown["value"])) == (1, {"cursor": 7})
+    assert (shown["version"], shown["value"]) == (1, {"cursor": 7})
     assert json.loads(_call("singleton_state", "export", "progress")) == {"cursor": 7}
     bad = tmp_path / "bad.json"
     bad.write_text('{"cursor": "many"}')
@@ -140,3 +140,29 @@ def test_handoff_is_refused_without_a_leader_and_ends_the_term_with_one() -> Non
     ).free == {"singleton:progress"}
     assert leases.acquire("singleton:progress", other, ttl=30, using="default") is not None
     assert Lease.objects.get(name="singleton:progress").handed_off_by is None
+
+
+@pytest.mark.usefixtures("progress")
+def test_state_show_prints_the_value_as_json_not_a_string_of_it() -> None:
+    shown = json.loads(_call("singleton_state", "show", "progress"))
+    assert shown["value"] == {"cursor": 7}
+    StateRecord.objects.update(value="{damaged")
+    shown = json.loads(_call("singleton_state", "show", "progress"))
+    assert shown["value"] == "{damaged", "a row that does not parse is shown as it is"
+
+
+@pytest.mark.usefixtures("progress")
+def test_a_missing_import_file_and_no_terminal_are_one_line_errors(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    missing = tmp_path / "nope.json"
+    with pytest.raises(CommandError, match=r"cannot read .*nope\.json"):
+        _call("singleton_state", "import", "progress", str(missing))
+
+    def no_terminal(prompt: str) -> str:
+        raise EOFError
+
+    monkeypatch.setattr("builtins.input", no_terminal)
+    with pytest.raises(CommandError, match="--yes"):
+        _call("singleton_reset", "progress")
+    assert StateRecord.objects.filter(key="singleton:progress").exists(), "nothing changed"

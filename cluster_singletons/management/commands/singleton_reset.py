@@ -30,7 +30,10 @@ class Command(BaseCommand):
             self.stdout.write(f"singleton {name!r} has no stored state; nothing to reset")
             return
         if not options["yes"]:
-            answer = input(f"Reset the state of {name!r} (version {row.version})? [y/N] ")
+            try:
+                answer = input(f"Reset the state of {name!r} (version {row.version})? [y/N] ")
+            except EOFError as exc:
+                raise ValueError("no terminal to confirm on; pass --yes to reset") from exc
             if answer.strip().lower() not in ("y", "yes"):
                 self.stdout.write("aborted; nothing changed")
                 raise SystemExit(1)

@@ -34,7 +34,10 @@ class Command(BaseCommand):
         if action == "import":
             if not file:
                 raise ValueError("import needs a FILE (or '-' for stdin)")
-            text = sys.stdin.read() if file == "-" else Path(file).read_text()
+            try:
+                text = sys.stdin.read() if file == "-" else Path(file).read_text()
+            except OSError as exc:
+                raise ValueError(f"cannot read {file}: {exc.strerror or exc}") from exc
             try:
                 imported = control.import_state(name, text, options["note"])
             except ValidationError as exc:
@@ -60,6 +63,14 @@ class Command(BaseCommand):
             "problem": row.problem,
             "updated_at": row.updated_at,
             "updated_epoch": row.updated_epoch,
-            "value": row.value,
+            "value": _decoded(row.value),
         }
         self.stdout.write(json.dumps(shown, default=str, indent=2))
+
+
+def _decoded(text: str) -> Any:
+    """The stored JSON as JSON; text that does not parse (a damaged row) as it is."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
