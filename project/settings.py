@@ -32,6 +32,7 @@ INSTALLED_APPS = [
     "django_celery_beat",
     "cluster_singletons",
     "project.demo",
+    "project.reports",
 ]
 
 MIDDLEWARE = [

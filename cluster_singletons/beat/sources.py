@@ -21,6 +21,7 @@ from typing import Any
 
 from django.apps import apps
 from django.conf import settings as django_settings
+from django.utils.module_loading import autodiscover_modules
 
 from cluster_singletons.beat import crons, periodic_tasks, timetables
 from cluster_singletons.beat.schedule import Schedule
@@ -49,6 +50,7 @@ def load_all(
 
     A ``PeriodicTask`` whose row is unchanged since ``previous`` comes back as the very
     same object, so rereading many schedules costs little more than reading their rows."""
+    import_task_modules(app)
     found: dict[str, Schedule] = {s.key: s for s in crons.registered()}
     found.update(from_beat_schedule(app.conf.beat_schedule or {}, tz=app.conf.timezone))
     if apps.is_installed("django_celery_beat"):
@@ -69,6 +71,24 @@ def load_all(
                 schedule, timetable=None, problem=f"unknown task {schedule.task!r}", source_row=()
             )
     return found
+
+
+_IMPORTED: set[int] = set()
+
+
+def import_task_modules(app: Any) -> None:
+    """Import the task modules a Celery worker or ``celery beat`` imports when it starts,
+    once per app: Celery's ``imports`` and ``include``, and every installed app's
+    ``tasks`` module (what ``app.autodiscover_tasks()`` finds). ``runcluster`` and the
+    operator commands have no such start, and without it a task defined only in an app's
+    ``tasks.py`` is unknown there. (Not through the loader's ``import_modules`` signal: in a
+    Django project that sets Django up again, which resets the loggers' handlers.)"""
+    if id(app) in _IMPORTED:
+        return
+    _IMPORTED.add(id(app))
+    for module in app.loader.default_modules:
+        app.loader.import_task_module(module)
+    autodiscover_modules("tasks")
 
 
 def from_beat_schedule(

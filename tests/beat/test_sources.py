@@ -3,6 +3,9 @@ the real test database) and ``@cron`` functions, each turned into a ``Schedule``
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -22,6 +25,7 @@ from cluster_singletons.beat import crons
 from cluster_singletons.beat.schedule import Schedule
 from cluster_singletons.beat.sources import from_beat_schedule, from_periodic_tasks, load_all
 from cluster_singletons.beat.timetables import UNIX_EPOCH, Cron, Every, Once
+from project.demo.localcluster import ROOT, database_url
 
 T0 = datetime(2026, 3, 2, 12, 0, 0, tzinfo=UTC)
 #: A winter day: Europe/Berlin is UTC+1.
@@ -464,3 +468,33 @@ def test_a_row_flagged_for_an_unknown_task_recovers_once_the_task_is_registered(
     second = load_all(app, using="default", previous=first)
     assert second["periodic:later"].problem == ""
     assert second["periodic:later"].timetable == Every(10.0)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_tasks_only_autodiscovery_registers_are_known_and_a_typo_is_still_unknown() -> None:
+    """``runcluster`` and the commands have no worker start to import the task modules
+    Celery autodiscovers: loading schedules imports them, in a fresh interpreter here."""
+    code = (
+        "import django; django.setup()\n"
+        "from project.celery import app\n"
+        "from cluster_singletons.beat.sources import load_all\n"
+        "app.conf.beat_schedule = {\n"
+        "    'report': {'task': 'reports.send_report', 'schedule': 5.0},\n"
+        "    'typo': {'task': 'reports.send_reprot', 'schedule': 5.0},\n"
+        "}\n"
+        "found = load_all(app, using='default')\n"
+        "print(repr(found['beat:report'].problem))\n"
+        "print(found['beat:typo'].problem)\n"
+    )
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "project.settings",
+        "DATABASE_URL": database_url(),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    report, typo = done.stdout.splitlines()
+    assert report == "''"
+    assert typo.startswith("unknown task 'reports.send_reprot'")

@@ -1,0 +1,1 @@
+"""An app of the example project whose tasks only Celery's autodiscovery imports."""
