@@ -12,6 +12,7 @@ from django.core.management import CommandError, call_command
 from django_celery_beat.models import IntervalSchedule, PeriodicTask
 
 from cluster_singletons import control
+from cluster_singletons.beat import crons
 from cluster_singletons.models import Run, ScheduleRecord
 from tests.beat.test_engine import T0, Leader, _drain, app  # noqa: F401 (fixture)
 
@@ -122,3 +123,19 @@ def test_out_of_range_input_is_a_one_line_error_not_a_traceback() -> None:
 def test_an_unknown_schedule_name_lists_the_known_ones() -> None:
     with pytest.raises(CommandError, match=r"no schedule named 'nope'; known: .*periodic:hourly"):
         call_command("cluster_schedule", "run", "nope")
+
+
+def test_cron_preview_of_a_zoned_schedule_shows_its_zone_s_times() -> None:
+    saved = dict(crons._crons)
+    try:
+
+        @crons.cron("berlin-nightly", "0 3 * * *", tz="Europe/Berlin")
+        def nightly(run: Any) -> None: ...
+
+        times = _call("cron_preview", "berlin-nightly", "-n", "3").splitlines()[1:]
+        assert times and all("T03:00:00" in t and t.endswith(("+01:00", "+02:00")) for t in times)
+        in_utc = _call("cron_preview", "berlin-nightly", "-n", "1", "--tz", "UTC").splitlines()
+        assert in_utc[1].endswith("+00:00") and "T03:00:00" not in in_utc[1]
+    finally:
+        crons._crons.clear()
+        crons._crons.update(saved)

@@ -38,7 +38,8 @@ class Command(BaseCommand):
         if options["n"] < 1:
             raise ValueError("-n must be at least 1")
         label, timetable = control.timetable_of(options["spec"], options["tz"])
-        shown = zone(options["tz"]) if options["tz"] else None
+        # One rule: times in --tz if given, else in the schedule's own zone (a crontab's).
+        shown = zone(options["tz"]) if options["tz"] else getattr(timetable, "tz", None)
         self.stdout.write(f"{label}: {timetable.describe()}")
         for tick in control.upcoming(options["spec"], options["n"], tz=options["tz"]):
             self.stdout.write((tick.astimezone(shown) if shown else tick).isoformat())
