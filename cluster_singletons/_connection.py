@@ -50,8 +50,15 @@ class Attempts:
     one line naming ``who()``, paced by the capped ``backoff`` (reset by a success), and
     drops the connection if it broke, so the next attempt connects again."""
 
-    def __init__(self, backoff: Backoff, *, using: str, who: Callable[[], object]) -> None:
-        self.backoff, self.using, self._who = backoff, using, who
+    def __init__(
+        self,
+        backoff: Backoff,
+        *,
+        using: str,
+        who: Callable[[], object],
+        log: logging.Logger = logger,
+    ) -> None:
+        self.backoff, self.using, self._who, self.log = backoff, using, who, log
 
     def attempt(self, what: str) -> Attempt:
         return Attempt(self, what)
@@ -77,7 +84,7 @@ class Attempt:
         if not isinstance(exc, DATABASE_ERRORS):
             return False
         self.failed, self.delay = True, attempts.backoff.delay
-        logger.warning(
+        attempts.log.warning(
             "runner %s: %s failed (%s); retrying in %.1fs",
             attempts._who(),
             self.what,

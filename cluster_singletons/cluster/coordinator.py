@@ -91,7 +91,10 @@ class Coordinator:
             on_release=self._on_release,
         )
         self._attempts = Attempts(
-            Backoff.from_settings(self.settings), using=self.using, who=lambda: self.runner_id
+            Backoff.from_settings(self.settings),
+            using=self.using,
+            who=lambda: self.runner_id,
+            log=logger,
         )
         self._next_heartbeat = 0.0
         self._next_prune = 0.0
@@ -250,7 +253,7 @@ class Coordinator:
 
     def _poll_interval(self, slot: Slot) -> float:
         assert self.runner_id is not None
-        return self._placed.poll_interval(self.runner_id, slot.name, self.settings.acquire_interval)
+        return self._placed.poll_interval(self.runner_id, slot.name)
 
     def _rebalance(self, now: float) -> None:
         """Hand off every placed lease this runner holds above its fair share, each to the

@@ -161,6 +161,8 @@ def renew(runner_id: int, terms: Iterable[Term], *, ttl: float, using: str) -> s
     """
     terms = list(terms)
     kept: set[str] = set()
+    if not terms:  # a standby renews nothing: no transaction for it
+        return kept
     with bounded(using=using, ttl=ttl):
         for start in range(0, len(terms), _RENEW_CHUNK):
             chunk = terms[start : start + _RENEW_CHUNK]

@@ -186,17 +186,18 @@ class Placed:
             return True
         now = self.clock.monotonic()
         first, last = self._free_seen.get(name, (now, now))
-        if now - last > 2 * self.poll_interval(me, name, self.poll_every):
+        if now - last > 2 * self.poll_interval(me, name):
             first = now  # a poll found it held since: this is a new spell of being free
         self._free_seen[name] = (first, now)
         return may_take(me, self.view, self.total, free_for=now - first, patience=self.patience)
 
-    def poll_interval(self, me: int, name: str, base: float) -> float:
-        """Standbys poll less often the lower they rank for the lease, so the best-ranked
-        runner usually wins it and assignments follow the hash."""
+    def poll_interval(self, me: int, name: str) -> float:
+        """How often to poll for ``name`` (``poll_every`` at best): standbys poll less
+        often the lower they rank for the lease, so the best-ranked runner usually wins it
+        and assignments follow the hash."""
         if self.view is None or not self.covers(name):
-            return base
-        return base * (1 + rank_of(me, name, self.view))
+            return self.poll_every
+        return self.poll_every * (1 + rank_of(me, name, self.view))
 
     def count(self, me: int, name: str, delta: int) -> None:
         """Keep the view true between refreshes when this runner takes or gives a lease."""

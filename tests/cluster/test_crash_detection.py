@@ -23,6 +23,7 @@ from cluster_singletons.cluster.crash_detection import (
 from cluster_singletons.cluster.membership import LIVENESS_LOCK_NAMESPACE
 from project.demo.localcluster import poll
 from project.demo.pgbouncer import PgBouncer
+from tests.tcpproxy import TcpProxy
 
 pytestmark = [pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
 
@@ -147,3 +148,14 @@ def test_a_watch_learns_of_a_dead_holder_when_the_server_does() -> None:
     finally:
         watch.close()
         holder.close()
+
+
+def test_a_session_through_a_one_to_one_tcp_proxy_keeps_the_proof() -> None:
+    """A 1:1 forwarder (HAProxy in TCP mode, NAT) is still one server session."""
+    db = connection.settings_dict
+    proxy = TcpProxy((db["HOST"] or "127.0.0.1", int(db["PORT"] or 5432)))
+    proxy.restore()
+    try:
+        assert probe(_params(proxy.port)) is None
+    finally:
+        proxy.cut()
