@@ -12,6 +12,8 @@ scheduler and the worker bootstep; they only start and stop it.
   is abandoned.
 - Stopping ends the leader work, releases every lease in one statement, so standbys take
   over immediately, and deregisters.
+- Work that has a standby (``work.stand_by(stop, clock)``, the beat's) runs it in a
+  thread of its own from registration until the loop ends.
 """
 
 from __future__ import annotations
@@ -61,9 +63,11 @@ class Runner(Coordinator):
 
     def run(self) -> None:
         """Register (retrying), coordinate until stopped, then hand off and deregister."""
+        standing_by = threading.Event()
         try:
             if not self.register():
                 return
+            self._stand_by(standing_by)
             while not self._stopping.is_set():
                 now = self.clock.monotonic()
                 next_at = self.step(now)
@@ -76,8 +80,22 @@ class Runner(Coordinator):
             logger.exception("coordinator loop crashed; leadership is being abandoned")
             self._abandon()
         finally:
+            standing_by.set()
             self._ready.set()
             connections.close_all()
+
+    def _stand_by(self, stop: threading.Event) -> None:
+        """Start the standby of each lease whose work has one (``work.stand_by``: the
+        beat's warm standby), in a thread of its own, until ``stop``."""
+        for slot in self._slots.values():
+            stand_by = getattr(slot.work, "stand_by", None)
+            if stand_by is not None:
+                threading.Thread(
+                    target=stand_by,
+                    args=(stop, self.database_clock),
+                    name=f"standby:{slot.name}",
+                    daemon=True,
+                ).start()
 
     def register(self) -> bool:
         """Register, retrying with capped backoff up to ``startup_timeout``; False if it gave up."""
