@@ -13,6 +13,7 @@ import pytest
 from celery import Celery
 from celery.schedules import crontab
 from django.db import DatabaseError, connection
+from django_celery_beat.models import IntervalSchedule, PeriodicTask
 
 from cluster_singletons.beat import schedule_records
 from cluster_singletons.beat.engine import BeatEngine
@@ -116,12 +117,14 @@ def test_a_takeover_applies_edits_the_standby_has_not_seen_yet(app: Celery) -> N
     a.at(1)
     standby = Standby(app, settings=get_settings())
     standby.sync(a.clock)
-    app.conf.beat_schedule = {**app.conf.beat_schedule, "new": {"task": "t.tick", "schedule": 1}}
+    every = IntervalSchedule.objects.create(every=1, period=IntervalSchedule.SECONDS)
+    PeriodicTask.objects.create(name="new", task="t.tick", interval=every)
+    PeriodicTask.objects.filter(name="new").update(date_changed=T0)  # made in the test's time
     a.stop.set()
     b = Leader(app, wall=T0 + timedelta(seconds=2), loaded=standby.take())
     assert b.warm
     b.at(4)
-    assert Run.objects.filter(schedule="beat:new").exists()
+    assert Run.objects.filter(schedule="periodic:new").exists()
 
 
 def test_a_pass_that_fails_on_the_database_is_retried_in_place(
