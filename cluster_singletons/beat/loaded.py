@@ -23,7 +23,7 @@ from cluster_singletons.beat.catalog import Catalog, Changes
 from cluster_singletons.beat.schedule import Override
 
 #: Ledger rows are read again from this long before the newest one seen.
-_MARGIN = timedelta(seconds=0.5)
+_MARGIN = timedelta(seconds=0.1)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
