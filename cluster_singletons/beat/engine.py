@@ -174,8 +174,8 @@ class BeatEngine:
         self._outbox.clear()
         warm = self.loaded.loaded
         seen = self.loaded.resume(now)
-        if seen is not None:  # an edit seen only now was made since the standby looked
-            self._apply(seen, self.loaded.looked_at or now, leadership.term)
+        if seen is not None:  # an edit seen only now: from where the last leader had got
+            self._apply(seen, self.loaded.followed_to or now, leadership.term)
         self._policy = replace(self._policy, overrides=self.loaded.overrides)
         self._settle_at = now
         # Including ticks the previous leader recorded ahead: those go out when due.

@@ -24,6 +24,8 @@ from cluster_singletons.beat.schedule import Override
 
 #: Ledger rows are read again from this long before the newest one seen.
 _MARGIN = timedelta(seconds=0.1)
+#: After this runner's own term, from this long before its end (its clock is an estimate).
+_HANDED_BACK_MARGIN = timedelta(seconds=1)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -42,8 +44,8 @@ class Loaded:
         #: Keys seen paused since the lease was last taken: a paused schedule's ticks pass
         #: without a row to follow, only its record says how far.
         self.was_paused: set[str] = set()
-        #: The time of the last look applied.
-        self.looked_at: datetime | None = None
+        #: When the newest row followed was created: how far the leader had got.
+        self.followed_to: datetime | None = None
 
     @property
     def loaded(self) -> bool:
@@ -72,8 +74,14 @@ class Loaded:
             if entry is not None:
                 entry.open_run, entry.open_since = task_id, created
         self.since = since - _MARGIN if since is not None else _EPOCH
+        self.followed_to = since
         # What the leader recorded while the schedules were read.
         self.follow()
+
+    def led_until(self, at: datetime) -> None:
+        """This runner led until ``at`` (its estimate of the database's clock; the
+        schedules are as its engine left them): follow from there on."""
+        self.since, self.followed_to = at - _HANDED_BACK_MARGIN, at
 
     def resume(self, now: datetime) -> refresh.Seen | None:
         """Ready to lead at ``now``: loaded if not yet; else brought up to the ledger, and
@@ -91,7 +99,6 @@ class Loaded:
         the look did not reread them)."""
         self.paused, self.overrides = seen.paused, seen.overrides
         self.was_paused |= seen.paused
-        self.looked_at = now
         if seen.found is None:
             return None
         changes = self.catalog.apply(
@@ -106,8 +113,8 @@ class Loaded:
         the ticks paused schedules passed; returns how many rows were read."""
         rows = ledger.recorded_since(self.since, using=self.using)
         newest = self.catalog.follow(rows)
-        if newest is not None and (self.since is None or newest - _MARGIN > self.since):
-            self.since = newest - _MARGIN
+        if newest is not None and (self.followed_to is None or newest > self.followed_to):
+            self.since, self.followed_to = newest - _MARGIN, newest
         paused = schedule_records.paused_ticks(using=self.using)
         self.catalog.passed(paused)
         self.was_paused.update(paused)

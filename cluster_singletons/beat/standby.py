@@ -24,6 +24,7 @@ import gc
 import logging
 import threading
 import time
+from datetime import datetime
 from typing import Any
 
 from django.db import connections
@@ -64,13 +65,14 @@ class Standby:
         metrics.BEAT_STANDBY_WARM.set(0)
         return loaded
 
-    def give_back(self, loaded: Loaded | None) -> None:
-        """The term ended: ``loaded`` as the engine left it (None: after a failure, load
-        again)."""
+    def give_back(self, loaded: Loaded | None, *, at: datetime) -> None:
+        """The term ended at ``at``: ``loaded`` as the engine left it (None: after a
+        failure, load again)."""
         with self._lock:
             self._leading = False
             if loaded is not None:
                 loaded.catalog.requeue()
+                loaded.led_until(at)
             self._loaded = loaded
             self._next_look = 0.0
 
@@ -98,7 +100,9 @@ class Standby:
                 loaded.follow()
                 if time.monotonic() >= self._next_look:
                     self._next_look = time.monotonic() + _LOOK_EVERY
-                    loaded.apply(loaded.look(), clock.now())
+                    # An edit takes effect from where the leader had got: it applied the
+                    # edit then or before, and what it recorded since has been followed.
+                    loaded.apply(loaded.look(), min(clock.now(), loaded.followed_to or clock.now()))
             if loaded.catalog.items > 2 * len(loaded.catalog) + 1000:
                 loaded.catalog.requeue()
         metrics.BEAT_STANDBY_WARM.set(1)
@@ -150,7 +154,8 @@ class BeatWork:
             ended_cleanly = True
         finally:
             if standby is not None:
-                standby.give_back(engine.loaded if ended_cleanly else None)
+                loaded = engine.loaded if ended_cleanly else None
+                standby.give_back(loaded, at=leadership.clock.now())
 
     def stand_by(self, stop: threading.Event, clock: Clock) -> None:
         """Run the standby until ``stop`` (the runner's thread for it)."""

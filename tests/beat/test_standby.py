@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import itertools
 import threading
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -47,7 +47,8 @@ def _schedules(app: Celery) -> None:
 
 def _history(app: Celery, *, warm: bool) -> tuple[list[tuple[Any, ...]], list[str]]:
     """A leads for 40 s (one schedule paused for a while), dies with ticks recorded ahead;
-    B takes over at 50 s, warm from a standby that followed A, or loading cold."""
+    B takes over at 50 s, warm from a standby that followed A, or loading cold; B's term
+    ends at 70 s and it leads again at 75 s (warm: from the schedules it handed back)."""
     _schedules(app)
     a = Leader(app)
     standby = Standby(app, settings=get_settings())
@@ -64,8 +65,17 @@ def _history(app: Celery, *, warm: bool) -> tuple[list[tuple[Any, ...]], list[st
     assert (loaded is not None) == warm
     b = Leader(app, wall=T0 + timedelta(seconds=50), loaded=loaded)
     assert b.warm == warm
-    for second in range(50, 100):
+    for second in range(50, 70):
         b.at(second)
+    # B's term ends; its standby takes the schedules back, and leads again from them at 75.
+    b.stop.set()
+    if warm:
+        standby.give_back(b.engine.loaded, at=datetime.now(UTC))
+        standby.sync(b.clock)
+    c = Leader(app, wall=T0 + timedelta(seconds=75), loaded=standby.take() if warm else None)
+    assert c.warm == warm
+    for second in range(75, 100):
+        c.at(second)
     rows = Run.objects.order_by("schedule", "tick")
     fields = ("schedule", "tick", "first_tick", "ticks", "status", "kind", "reason", "task_id")
     return list(rows.values_list(*fields)), _ticks(app)
@@ -104,7 +114,7 @@ def test_the_standby_follows_edits_and_reloads_after_a_failed_term(app: Celery) 
     loaded = standby.take()
     assert loaded is not None and "beat:new" not in loaded.catalog.entries
     standby.sync(clock)  # leading: the standby does nothing
-    standby.give_back(None)  # the term failed: what the engine held is not trusted
+    standby.give_back(None, at=T0)  # the term failed: what the engine held is not trusted
     standby.sync(clock)
     again = standby.take()
     assert again is not None and again is not loaded
