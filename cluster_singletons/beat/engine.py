@@ -42,6 +42,7 @@ from cluster_singletons.beat import (
     planning,
     refresh,
     schedule_records,
+    sources,
 )
 from cluster_singletons.beat.catalog import Catalog
 from cluster_singletons.beat.planning import Entry
@@ -94,6 +95,7 @@ class BeatEngine:
         self._paused: frozenset[str] = frozenset()
         self._signature: object = None
         self._watcher: refresh.Watcher | None = None
+        self._bystanders = refresh.Bystanders(using=self.using)
         self._next_refresh = self._next_full = self._next_pending = self._next_delivery = (
             self.clock.now()
         )
@@ -140,6 +142,7 @@ class BeatEngine:
         now = self.clock.now()
         self.catalog.clear()
         self._outbox.clear()
+        sources.mirror(self.app, using=self.using)  # as DatabaseScheduler does at its start
         self._apply(self._look(full=True), now, leadership.term, first=True)
         self._open_runs(now)
         # Take over what a previous leader recorded and did not publish, including ticks
@@ -330,6 +333,7 @@ class BeatEngine:
             signature=self._signature,
             previous=self.catalog.schedules,
             full=full,
+            bystanders=self._bystanders,
         )
 
     def _refresh(self, now: datetime, term: Term) -> None:

@@ -78,8 +78,8 @@ class Leader:
         self.stop = threading.Event()
         self.leadership = Leadership(term=term, stop_event=self.stop, using="default", ttl=30)
         self.clock = FrozenClock(wall=wall)
-        # No worker reports runs finished here: dispatch regardless unless a test says so.
-        settings = settings or get_settings().model_copy(update={"overlap": "allow_all"})
+        # No worker reports runs finished here: the default policy dispatches regardless.
+        settings = settings or get_settings()
         self.engine = BeatEngine(app, clock=self.clock, settings=settings)
         self.engine.start(self.leadership)
 

@@ -286,7 +286,7 @@ def test_queue_routing_priority_headers_and_expiry_become_send_options() -> None
         "exchange": "ex",
         "routing_key": "reports.daily",
         "priority": 7,
-        "headers": {"h": "v"},
+        "headers": {"h": "v", "periodic_task_name": "routed"},
         "expires": 30,
     }
     assert routed.args == ("a", 2)
@@ -294,7 +294,9 @@ def test_queue_routing_priority_headers_and_expiry_become_send_options() -> None
     assert routed.enabled is False
     assert routed.changed_at is not None and routed.changed_at.tzinfo is not None
     plain = found["periodic:plain"]
-    assert plain.options == {}, "unset columns send nothing; expires is the schedule's own"
+    assert plain.options == {"headers": {"periodic_task_name": "plain"}}, (
+        "unset columns send nothing; expires is the schedule's own"
+    )
     assert plain.expires == T0 + timedelta(days=1)
     assert plain.first_tick_after(T0 + timedelta(days=1)) is None
     assert (plain.args, plain.kwargs) == ((), {})
@@ -415,14 +417,14 @@ def test_load_all_flags_an_unknown_task_name_as_a_problem(app: Celery) -> None:
         "ghost": {"task": "no.such.task", "schedule": 10},
         "both": {"task": "no.such.task", "schedule": 10, "options": {"overlap": "bad"}},
     }
-    _periodic("ghost", interval=_every(), task="no.such.periodic")
-    _periodic("known", interval=_every())
+    _periodic("ghost-row", interval=_every(), task="no.such.periodic")
+    _periodic("known-row", interval=_every())
     found = load_all(app, using="default")
-    for key, task in (("beat:ghost", "no.such.task"), ("periodic:ghost", "no.such.periodic")):
+    for key, task in (("beat:ghost", "no.such.task"), ("periodic:ghost-row", "no.such.periodic")):
         assert found[key].problem == f"unknown task {task!r}"
         assert found[key].timetable is None
     assert found["beat:known"].problem == "" and found["beat:known"].timetable is not None
-    assert found["periodic:known"].problem == ""
+    assert found["periodic:known-row"].problem == ""
     assert found["beat:both"].problem.startswith("overlap must be one of"), "first problem kept"
 
 
