@@ -2,7 +2,8 @@
 
 - django-celery-beat's ``PeriodicTask`` rows (crontab, interval, clocked and solar
   schedules), when that app is installed: key ``periodic:<name>``. Their messages carry
-  the ``periodic_task_name`` header, as DatabaseScheduler's do.
+  the ``periodic_task_name`` header, as DatabaseScheduler's do; these and the entries
+  below carry the ``celery_beat_task`` header Celery's beat sets.
 - Celery's ``beat_schedule`` setting, with the default entry Celery's beat adds
   (``celery.backend_cleanup``, see ``beat_entries``): key ``beat:<name>``.
 - ``@cron("name", "*/5 * * * *", tz=...)`` functions, run inside the leading runner:
@@ -46,6 +47,8 @@ BEAT_OPTIONS = ("skip_if_older_than", "overlap", "calculate_next_run_from_previo
 #: The header naming the ``PeriodicTask`` a message was sent for (django-celery-results
 #: stores it).
 PERIODIC_TASK_NAME = "periodic_task_name"
+#: The headers Celery's beat gives every message it sends.
+BEAT_HEADERS = {"celery_beat_task": True}
 BACKEND_CLEANUP = "celery.backend_cleanup"
 #: Warnings given once per process.
 _SAID: set[str] = set()
@@ -188,6 +191,7 @@ def from_beat_schedule(
         key = f"beat:{name}"
         options = dict(entry.get("options") or {})
         beat_options = {k: options.pop(k) for k in BEAT_OPTIONS if k in options}
+        options["headers"] = {**dict(options.get("headers") or {}), **BEAT_HEADERS}
         base = Schedule(
             key=key,
             source="beat",
@@ -289,7 +293,7 @@ def _periodic(row: dict[str, Any], source_row: tuple[Any, ...]) -> Schedule:
     try:
         options = {k: row[k] for k in ("queue", "exchange", "routing_key", "priority") if row[k]}
         headers = _json(row["headers"] or "{}", "headers", dict)
-        options["headers"] = {**headers, PERIODIC_TASK_NAME: row["name"]}
+        options["headers"] = {**headers, PERIODIC_TASK_NAME: row["name"], **BEAT_HEADERS}
         if row["expire_seconds"]:
             options["expires"] = int(row["expire_seconds"])
         return Schedule(

@@ -112,6 +112,20 @@ def test_after_a_downtime_a_long_horizon_runs_the_missed_ticks_once_as_celery_do
 
 
 @pytest.mark.db
+def test_a_run_no_worker_reports_blocks_skip_for_overlap_timeout_only(app: Celery) -> None:
+    """``skip`` in place of a task lock: a run whose worker died (it never reports) stops
+    blocking its schedule after ``overlap_timeout``."""
+    app.conf.beat_schedule = {"ten": _every_ten(overlap="skip")}
+    leader = Leader(app, settings=ClusterSettings(overlap_timeout=30))
+    for second in range(10, 61, 10):
+        leader.at(second)
+    ticks = sorted(h["cluster_context"]["tick"] for h in _drain(app))
+    assert ticks == [(T0 + timedelta(seconds=s)).isoformat() for s in (10, 50)]
+    skipped = Run.objects.filter(status=Run.Status.SKIPPED).order_by("tick")
+    assert [r.tick for r in skipped] == [T0 + timedelta(seconds=s) for s in (20, 30, 40, 60)]
+
+
+@pytest.mark.db
 def test_the_row_is_the_schedule_and_keeps_the_entrys_beat_options(app: Celery) -> None:
     app.conf.beat_schedule = {
         "ten": _every_ten(overlap="skip", skip_if_older_than=5),
@@ -163,7 +177,8 @@ def test_the_default_backend_cleanup_entry_is_celerys_with_a_result_backend(
 ) -> None:
     found = sources.load_all(results, using="default")
     cleanup = found[f"beat:{CLEANUP}"]
-    assert (cleanup.task, cleanup.options) == (CLEANUP, {"expires": 12 * 3600})
+    assert cleanup.task == CLEANUP
+    assert cleanup.options == {"expires": 12 * 3600, "headers": {"celery_beat_task": True}}
     assert isinstance(cleanup.timetable, Cron) and cleanup.timetable.expression == "0 4 * * *"
     results.conf.result_expires = None
     assert f"beat:{CLEANUP}" not in sources.load_all(results, using="default")
@@ -205,11 +220,21 @@ def test_a_database_scheduler_writing_its_bookkeeping_beside_the_leader_is_repor
     for second in range(1, 41):
         leader.at(second)
     assert PeriodicTask.objects.get(name="ten").total_run_count == 4
+    # An operator edits the row in the admin (a save with the last run it had), and
+    # disables another with the admin's action (which clears its last run).
+    row = PeriodicTask.objects.get(name="ten")
+    row.description = "edited"
+    row.save()
+    _ran_database_scheduler(app, {"other": _every_ten()})
+    PeriodicTask.objects.filter(name="other").update(enabled=False, last_run_at=None)
+    for second in range(41, 51):
+        leader.at(second)
+    assert PeriodicTask.objects.get(name="ten").total_run_count == 5
     assert "bookkeeping moved" not in caplog.text, "our own bookkeeping is not someone else's"
     # A DatabaseScheduler dispatches the row too and saves its bookkeeping (its sync).
     dispatched = next(ModelEntry(PeriodicTask.objects.get(name="ten"), app=app))
     dispatched.save()
-    leader.at(46)
+    leader.at(56)
     assert "bookkeeping moved without this beat (+1 run(s) counted" in caplog.text
 
 
@@ -260,6 +285,11 @@ def test_a_beat_schedule_entry_runs_once_per_tick_after_the_switch(
     )
     assert keys == ["periodic:every-two"], "one schedule per name across sources"
     assert {h.get("periodic_task_name") for h in after} == {"every-two"}
+    # Every header DatabaseScheduler's messages had, with the same value where it names
+    # the schedule rather than the message.
+    assert set(before[0]) <= set(after[0]), set(before[0]) - set(after[0])
+    for name in ("periodic_task_name", "celery_beat_task", "task", "argsrepr", "kwargsrepr"):
+        assert after[0][name] == before[0][name], name
     gaps = {later - earlier for earlier, later in itertools.pairwise(ticks)}
     assert gaps == {timedelta(seconds=EVERY)}, f"one run per tick, every tick: {sorted(gaps)}"
     assert len(after) <= (window + 2) / EVERY + 2, len(after)
