@@ -353,7 +353,12 @@ def test_a_cron_call_that_met_a_restart_reports_its_end_on_a_fresh_connection(
         Lease.objects.count()  # and the function fails on the closed connection
 
     _run_cron(app, "t-restart", job, Run.Status.FAILED)
-    beat = Heartbeat.objects.get(name="cron:t-restart")
+    # The heartbeat is written after the run's end (the ledger first).
+    beat = poll(
+        "the cron's heartbeat",
+        lambda: Heartbeat.objects.filter(name="cron:t-restart").first(),
+        timeout=10,
+    )
     assert beat.failures == 1 and "connection is closed" in beat.last_error
 
 
