@@ -97,11 +97,12 @@ class ClusterSettings(BaseModel):
         ),
     )
     overlap: Overlap = Field(
-        "skip",
+        "allow_all",
         description=(
-            "Beat overlap policy when a schedule's previous run has not finished: 'skip' "
-            "records the tick as skipped, 'buffer_one' keeps one tick waiting, 'allow_all' "
-            "dispatches regardless. Per schedule: the 'overlap' option."
+            "Beat overlap policy when a schedule's previous run has not finished: "
+            "'allow_all' dispatches regardless (as Celery's beat does), 'skip' records the "
+            "tick as skipped, 'buffer_one' keeps one tick waiting. Per schedule: the "
+            "'overlap' option, or the schedule's record in the admin."
         ),
     )
     overlap_timeout: float = Field(

@@ -3,7 +3,8 @@
 With no environment it runs on the embedded default: SQLite in ``var/`` and kombu's
 filesystem transport, so no server is needed. ``DATABASE_URL`` (postgres://...) and
 ``CELERY_BROKER_URL`` (redis://..., amqp://...) switch to real servers.
-``CLUSTER_SINGLETONS_JSON`` overrides cluster settings (used by tests and the demo).
+``CLUSTER_SINGLETONS_JSON`` overrides cluster settings (used by tests and the demo), and
+``CELERY_BEAT_SCHEDULE_JSON`` sets Celery's ``beat_schedule``.
 """
 
 from __future__ import annotations
@@ -128,6 +129,8 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
     }
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TIMEZONE = TIME_ZONE
+# Tests and the demo pass Celery's beat_schedule as JSON (a schedule in seconds).
+CELERY_BEAT_SCHEDULE: dict[str, Any] = json.loads(os.environ.get("CELERY_BEAT_SCHEDULE_JSON", "{}"))
 
 LOGGING = {
     "version": 1,

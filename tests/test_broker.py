@@ -31,12 +31,12 @@ def test_a_worker_runs_a_task_sent_through_the_configured_broker(cluster: Cluste
 @pytest.mark.django_db(transaction=True)
 def test_scheduled_runs_reach_a_worker_which_reports_them_to_the_ledger(tmp_path: Path) -> None:
     """runcluster leads the beat, the worker runs the task with the cluster context and
-    reports its end, so the default overlap policy ('skip') lets the next tick run."""
+    reports its end, so under the 'skip' overlap policy the next tick runs."""
     from django_celery_beat.models import IntervalSchedule, PeriodicTask
 
     from cluster_singletons.models import Run
 
-    cluster = Cluster(tmp_path, {"lease_ttl": 2.0, "renew_interval": 0.5})
+    cluster = Cluster(tmp_path, {"lease_ttl": 2.0, "renew_interval": 0.5, "overlap": "skip"})
     try:
         worker = cluster.start_worker()
         every = IntervalSchedule.objects.create(every=1, period=IntervalSchedule.SECONDS)

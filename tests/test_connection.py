@@ -36,7 +36,6 @@ RESTARTS = {
     # Behind a proxy the liveness session ends with the cut and every term with it (the
     # beat's outage test covers that path); here expiry decides, as behind a pooler.
     "crash_detection": "ttl",
-    "overlap": "allow_all",
     "beat_refresh_interval": 1.0,
 }
 COUNTERS = [f"singleton:counting-{i}" for i in range(COUNTING)]

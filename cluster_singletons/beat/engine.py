@@ -44,6 +44,7 @@ from cluster_singletons.beat import (
     planning,
     refresh,
     schedule_records,
+    sources,
 )
 from cluster_singletons.beat.catalog import Catalog, Changes
 from cluster_singletons.beat.loaded import Loaded
@@ -98,6 +99,7 @@ class BeatEngine:
         #: When the schedules' records are brought up to date (after the first pass).
         self._settle_at: datetime | None = None
         self._watcher: refresh.Watcher | None = None
+        self._bystanders = refresh.Bystanders(using=self.using)
         self._next_refresh = self._next_full = self._next_pending = self.clock.now()
         self._deliveries = deliveries.Upcoming(
             self._next_refresh, poll=_DELIVERY_POLL, using=self.using, limit=_MAX_BATCH
@@ -119,12 +121,11 @@ class BeatEngine:
         ends. A pass that fails on the database is retried in place, schedules kept."""
         warm = self.start(leadership)
         if not warm:
-            # What was just loaded lives as long as the term: keep the collector from
-            # walking it (a full collection over 100k schedules stalls dispatch ~0.3 s).
+            # Loaded for the term: kept from the collector (a full pass at 100k stalls 0.3 s).
             gc.collect()
             gc.freeze()
         self._watcher = refresh.Watcher(
-            self.loaded.look,
+            self._look,
             interval=self.settings.beat_refresh_interval,
             using=self.using,
             # Off PostgreSQL the signature misses bulk update()s: reread everything too.
@@ -172,8 +173,9 @@ class BeatEngine:
         previous leader recorded and did not publish. Returns whether it was warm."""
         now = self.clock.now()
         self._outbox.clear()
+        sources.mirror(self.app, using=self.using)  # as DatabaseScheduler does at its start
         warm = self.loaded.loaded
-        seen = self.loaded.resume(now)
+        seen = self.loaded.resume(now, bystanders=self._bystanders)
         if seen is not None:  # an edit seen only now: from where the last leader had got
             self._apply(seen, self.loaded.followed_to or now, leadership.term)
         self._policy = replace(self._policy, overrides=self.loaded.overrides)
@@ -334,8 +336,6 @@ class BeatEngine:
             logger.info("publishing %d pending intent(s) with their recorded task ids", len(runs))
             self._enqueue(runs, now, leadership)
 
-    # -- delayed delivery --------------------------------------------------------------
-
     def _deliver(self, now: datetime, leadership: Leadership) -> None:
         ready = self._deliveries.take_due(now)
         if ready:
@@ -346,6 +346,9 @@ class BeatEngine:
 
     # -- loading -----------------------------------------------------------------------
 
+    def _look(self, *, full: bool = False) -> refresh.Seen:
+        return self.loaded.look(full=full, bystanders=self._bystanders)
+
     def _refresh(self, now: datetime, term: Term) -> None:
         """Apply what the refresh thread saw; without one (a test's clock), look now."""
         interval = self.settings.beat_refresh_interval
@@ -355,7 +358,7 @@ class BeatEngine:
             seen = self._watcher.take()
         else:
             self._next_refresh = now + timedelta(seconds=interval)
-            seen = self.loaded.look(full=now >= self._next_full and not self._digested)
+            seen = self._look(full=now >= self._next_full and not self._digested)
         if seen is not None:
             self._apply(seen, now, term)
 
@@ -381,10 +384,9 @@ class BeatEngine:
     def _note(self, changes: Changes, term: Term, *, recorded: Iterable[str] = ()) -> None:
         problems = schedule_records.problems(using=self.using)
         notes = self.catalog.notes(changes, problems, recorded=recorded)
-        if notes:
-            schedule_records.note_problems(
-                notes, term=term, using=self.using, ttl=self.settings.lease_ttl
-            )
+        schedule_records.note_problems(
+            notes, term=term, using=self.using, ttl=self.settings.lease_ttl
+        )
 
     def _flag(self, schedules: list[Schedule], now: datetime, term: Term) -> None:
         schedule_records.flag(

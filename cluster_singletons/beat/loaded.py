@@ -51,15 +51,19 @@ class Loaded:
     def loaded(self) -> bool:
         return self.since is not None
 
-    def look(self, *, full: bool = False) -> refresh.Seen:
+    def look(
+        self, *, full: bool = False, bystanders: refresh.Bystanders | None = None
+    ) -> refresh.Seen:
         """What the sources and the schedules' records say now (the schedules themselves
-        only if the sources changed since the last look applied, or ``full``)."""
+        only if the sources changed since the last look applied, or ``full``); a leader
+        passes its ``bystanders`` (another scheduler dispatching meanwhile)."""
         return refresh.look(
             self.app,
             using=self.using,
             signature=self.signature,
             previous=self.catalog.schedules,
             full=full,
+            bystanders=bystanders,
         )
 
     def load(self, now: datetime) -> None:
@@ -83,14 +87,18 @@ class Loaded:
         schedules are as its engine left them): follow from there on."""
         self.since, self.followed_to = at - _HANDED_BACK_MARGIN, at
 
-    def resume(self, now: datetime) -> refresh.Seen | None:
+    def resume(
+        self, now: datetime, *, bystanders: refresh.Bystanders | None = None
+    ) -> refresh.Seen | None:
         """Ready to lead at ``now``: loaded if not yet; else brought up to the ledger, and
         what the sources say now returned, for the leader to apply (and record)."""
         if not self.loaded:
             self.load(now)
+            if bystanders is not None:
+                bystanders.look()  # the term's first look: what the others are compared with
             return None
         self.follow()
-        seen = self.look()
+        seen = self.look(bystanders=bystanders)
         self.follow_paused()
         return seen
 

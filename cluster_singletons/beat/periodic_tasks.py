@@ -13,20 +13,31 @@ Statements and their invariants:
   ``total_run_count``; one-off tasks disabled once run). Not fenced, and safe for a
   deposed leader: it only describes runs that were published, and the ledger, not these
   columns, decides what runs (``last_run_at`` is read only when a schedule is new to the
-  ledger).
+  ledger). This process keeps count of what it wrote, so ``bookkeeping`` can tell its
+  own writes from another scheduler's.
+- ``bookkeeping``: the run bookkeeping of every row in one aggregate, and the rows saved
+  lately, with what this process itself wrote into them (reads); None while a
+  ``record_runs`` of this process overlaps them, so the two always agree.
+- ``mirror``: what DatabaseScheduler does when it starts, for the rows that exist: each
+  Celery ``beat_schedule`` entry written into the row of its name with
+  django-celery-beat's own conversion (the row keeps ``enabled``, ``one_off``, its last
+  run and count; every other defining column is the entry's). Not fenced: the entries are
+  the code's, the same on every node running it, as with DatabaseScheduler.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import threading
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from django.apps import apps
-from django.db import DatabaseError, connections
-from django.db.models import CharField, Count, F, Max
+from django.db import DatabaseError, connections, transaction
+from django.db.models import CharField, Count, F, Max, Sum
 from django.db.models.functions import Cast
 
 from cluster_singletons.errors import describe
@@ -138,13 +149,58 @@ def signature(using: str) -> object:
     return stats["n"], stats["changed"], list(last)
 
 
+@dataclass
+class _Ours:
+    """What this process's ``record_runs`` wrote (guarded by ``lock``)."""
+
+    lock: threading.Lock
+    #: Writes under way now, and writes ended so far.
+    writing: int = 0
+    ended: int = 0
+    #: Runs counted into ``total_run_count``, and the ``last_run_at`` last written by name.
+    counted: int = 0
+    last_run_at: dict[str, datetime] = field(default_factory=dict)
+
+
+_OURS = _Ours(threading.Lock())
+
+
+@dataclass(frozen=True, kw_only=True)
+class Bookkeeping:
+    """django-celery-beat's run bookkeeping over all rows, and this process's share."""
+
+    rows: int
+    #: The sum of ``total_run_count``; the newest ``last_run_at`` and ``date_changed``.
+    runs: int
+    last_run_at: datetime | None
+    last_saved: datetime | None
+    #: (name, last_run_at) of the rows saved (``save()``, not ``update()``) after the time
+    #: asked for.
+    saved: tuple[tuple[str, datetime | None], ...]
+    #: Runs this process counted so far, and the ``last_run_at`` it last wrote into each
+    #: of the rows in ``saved``.
+    ours: int
+    our_last_runs: Mapping[str, datetime]
+
+
 def record_runs(names: list[str], *, one_off: list[str], at: datetime, using: str) -> None:
     """Runs of these tasks were published at ``at``: count them, and disable the one-off
     tasks among them (``one_off``)."""
     from django_celery_beat.models import PeriodicTask
 
     tasks = PeriodicTask.objects.using(using).filter(name__in=names)
-    tasks.update(last_run_at=at, total_run_count=F("total_run_count") + 1)
+    counted = 0
+    with _OURS.lock:
+        _OURS.writing += 1
+    try:
+        counted = tasks.update(last_run_at=at, total_run_count=F("total_run_count") + 1)
+    finally:
+        with _OURS.lock:
+            _OURS.writing -= 1
+            _OURS.ended += 1
+            _OURS.counted += counted
+            if counted:
+                _OURS.last_run_at.update(dict.fromkeys(names, at))
     if one_off:
         tasks.filter(name__in=one_off).update(enabled=False)
 
@@ -159,3 +215,67 @@ def after_publish(
         return
     one_off = [n for n in names if (s := schedules.get(f"periodic:{n}")) and s.one_off]
     record_runs(names, one_off=one_off, at=at, using=using)
+
+
+def bookkeeping(*, using: str, saved_after: datetime | None) -> Bookkeeping | None:
+    """The rows' run bookkeeping, the rows saved after ``saved_after`` (None: none), and
+    this process's share; None when a write of this process overlapped the reads."""
+    from django_celery_beat.models import PeriodicTask
+
+    with _OURS.lock:
+        if _OURS.writing:
+            return None
+        ended, ours = _OURS.ended, _OURS.counted
+    tasks = PeriodicTask.objects.using(using)
+    stats = tasks.aggregate(
+        rows=Count("id"),
+        runs=Sum("total_run_count"),
+        last=Max("last_run_at"),
+        saved=Max("date_changed"),
+    )
+    saved: tuple[tuple[str, datetime | None], ...] = ()
+    if saved_after is not None:
+        saved = tuple(tasks.filter(date_changed__gt=saved_after).values_list("name", "last_run_at"))
+    with _OURS.lock:
+        if _OURS.writing or _OURS.ended != ended:
+            return None
+        mine = {name: _OURS.last_run_at[name] for name, _ in saved if name in _OURS.last_run_at}
+    return Bookkeeping(
+        rows=stats["rows"],
+        runs=stats["runs"] or 0,
+        last_run_at=stats["last"],
+        last_saved=stats["saved"],
+        saved=saved,
+        ours=ours,
+        our_last_runs=mine,
+    )
+
+
+def mirror(entries: Mapping[str, Mapping[str, Any]], *, using: str) -> list[str]:
+    """Write each entry into the existing row of its name as DatabaseScheduler's start
+    does; the names written. An entry django-celery-beat cannot convert is logged with its
+    traceback and its row left as it is, as DatabaseScheduler does."""
+    from django_celery_beat.models import PeriodicTask
+    from django_celery_beat.schedulers import ModelEntry
+
+    tasks = PeriodicTask.objects.using(using)
+    existing = {row.name: row for row in tasks.filter(name__in=list(entries))}
+    written = []
+    for name in sorted(existing):
+        try:
+            with transaction.atomic(using=using):
+                fields = ModelEntry._unpack_fields(**entries[name])
+                if all(getattr(existing[name], k) == v for k, v in fields.items()):
+                    continue  # as it is: an unchanged row is not saved (no edit to reload)
+                tasks.update_or_create(name=name, defaults=fields)
+        except DatabaseError:
+            raise
+        except Exception as exc:  # this entry only, as DatabaseScheduler does
+            logger.exception(
+                "beat_schedule entry %s cannot be written into its django-celery-beat row (%s)",
+                name,
+                describe(exc),
+            )
+            continue
+        written.append(name)
+    return written

@@ -15,8 +15,10 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any
 
+from django.apps import apps
 from django.db import DatabaseError, connections
 
 from cluster_singletons._connection import drop_if_unusable
@@ -51,9 +53,13 @@ def look(
     signature: object,
     previous: Mapping[str, Schedule],
     full: bool,
+    bystanders: Bystanders | None = None,
 ) -> Seen:
     """Paused keys, operators' overrides, the sources' signature, and the schedules if the
-    signature differs from ``signature`` (or ``full``)."""
+    signature differs from ``signature`` (or ``full``); ``bystanders`` looks for another
+    scheduler writing django-celery-beat's bookkeeping meanwhile."""
+    if bystanders is not None:
+        bystanders.look()
     paused, set_by_operators = schedule_records.operator_settings(using=using)
     overrides = {
         key: Override(overlap=overlap or None, skip_if_older_than=skip)  # type: ignore[arg-type]
@@ -63,6 +69,66 @@ def look(
     if not full and seen == signature:
         return Seen(paused, seen, None, overrides)
     return Seen(paused, seen, load_all(app, using=using, previous=previous), overrides)
+
+
+class Bystanders:
+    """Another scheduler dispatching django-celery-beat's rows while this beat leads (a
+    DatabaseScheduler left running in a rolling deploy: every tick runs twice), seen in
+    the rows' run bookkeeping; each look that sees it logs one WARNING. This process's
+    own ``record_runs`` never counts. Compared with the term's first look:
+
+    - a row saved with a ``last_run_at`` newer than every one at the first look that this
+      process did not write (DatabaseScheduler saves its rows' last runs every few
+      minutes and when it stops);
+    - ``total_run_count`` summed over the rows moved by other than the runs this process
+      counted (a row added or deleted starts that sum again).
+
+    An edit in the admin saves a row with the last run it had, so it is not taken for one.
+    """
+
+    #: Rows saved this long before the newest save seen are read again (clocks differ).
+    SLACK = timedelta(seconds=60)
+
+    def __init__(self, *, using: str) -> None:
+        self._using = using
+        self._last: periodic_tasks.Bookkeeping | None = None
+        self._first_last_run: datetime | None = None
+        self._seen: set[tuple[str, datetime]] = set()
+
+    def look(self) -> str | None:
+        """Compare with the previous look; the warning logged (None: nothing seen)."""
+        if not apps.is_installed("django_celery_beat"):
+            return None
+        last = self._last
+        after = last.last_saved - self.SLACK if last and last.last_saved else None
+        seen = periodic_tasks.bookkeeping(using=self._using, saved_after=after)
+        if seen is None:  # one of our own writes was under way: the next look decides
+            return None
+        self._last = seen
+        if last is None:
+            self._first_last_run = seen.last_run_at
+            return None
+        found = []
+        runs = (seen.runs - last.runs) - (seen.ours - last.ours)
+        if runs and seen.rows == last.rows:
+            found.append(f"{runs:+d} run(s) counted")
+        for name, ran in seen.saved:
+            first = self._first_last_run
+            if ran is None or (first is not None and ran <= first) or (name, ran) in self._seen:
+                continue
+            if seen.our_last_runs.get(name) != ran:
+                self._seen.add((name, ran))
+                found.append(f"{name!r} run at {ran.isoformat()}")
+        if not found:
+            return None
+        warning = (
+            f"django-celery-beat's bookkeeping moved without this beat ({', '.join(found)} "
+            "by someone else): another scheduler, such as a DatabaseScheduler still "
+            "running, is dispatching the same schedules, so they run twice; stop it "
+            "(README: Coming from django-celery-beat)"
+        )
+        logger.warning(warning)
+        return warning
 
 
 class Watcher:

@@ -116,7 +116,10 @@ def _scanning(using: str) -> transaction.Atomic:
 
 def note_problems(notes: dict[str, str], *, term: Term, using: str, ttl: float) -> None:
     """Set the problem of these schedules' existing records (``""``: none any more), in
-    one transaction fenced on ``term``; records are not created for this."""
+    one transaction fenced on ``term``; records are not created for this (no notes: no
+    transaction)."""
+    if not notes:
+        return
     by_text: dict[str, list[str]] = {}
     for key, text in notes.items():
         by_text.setdefault(text, []).append(key)

@@ -1,10 +1,20 @@
 """Where the beat's schedules come from, turned into ``Schedule`` objects.
 
 - django-celery-beat's ``PeriodicTask`` rows (crontab, interval, clocked and solar
-  schedules), when that app is installed: key ``periodic:<name>``.
-- Celery's ``beat_schedule`` setting: key ``beat:<name>``.
+  schedules), when that app is installed: key ``periodic:<name>``. Their messages carry
+  the ``periodic_task_name`` header, as DatabaseScheduler's do; these and the entries
+  below carry the ``celery_beat_task`` header Celery's beat sets.
+- Celery's ``beat_schedule`` setting, with the default entry Celery's beat adds
+  (``celery.backend_cleanup``, see ``beat_entries``): key ``beat:<name>``.
 - ``@cron("name", "*/5 * * * *", tz=...)`` functions, run inside the leading runner:
   key ``cron:<name>`` (see ``crons``).
+
+One schedule per name across the first two: DatabaseScheduler mirrors each ``beat_schedule``
+entry into a ``PeriodicTask`` row of the same name, and where such a row exists the row is
+the schedule (the entry's beat options still apply to it), as under DatabaseScheduler; the
+leading beat writes the entries into their rows when it starts leading (``mirror``), as
+DatabaseScheduler does when it starts. An entry that is itself a problem stays flagged
+under its own key.
 
 A row that cannot be turned into ticks is still returned, with ``problem`` set (see
 ``schedule``). Nothing here touches the broker.
@@ -34,6 +44,14 @@ logger = logging.getLogger("cluster_singletons.schedules")
 
 #: Options of a ``beat_schedule`` entry that belong to the beat, not to ``send_task``.
 BEAT_OPTIONS = ("skip_if_older_than", "overlap", "calculate_next_run_from_previous")
+#: The header naming the ``PeriodicTask`` a message was sent for (django-celery-results
+#: stores it).
+PERIODIC_TASK_NAME = "periodic_task_name"
+#: The headers Celery's beat gives every message it sends.
+BEAT_HEADERS = {"celery_beat_task": True}
+BACKEND_CLEANUP = "celery.backend_cleanup"
+#: Warnings given once per process.
+_SAID: set[str] = set()
 _PERIODS = {"days": 86400, "hours": 3600, "minutes": 60, "seconds": 1, "microseconds": 1e-6}
 
 
@@ -52,9 +70,11 @@ def load_all(
     same object, so rereading many schedules costs little more than reading their rows."""
     import_task_modules(app)
     found: dict[str, Schedule] = {s.key: s for s in crons.registered()}
-    found.update(from_beat_schedule(app.conf.beat_schedule or {}, tz=app.conf.timezone))
+    entries = beat_entries(app)
+    found.update(from_beat_schedule(entries, tz=app.conf.timezone))
     if apps.is_installed("django_celery_beat"):
         found.update(from_periodic_tasks(using=using, previous=previous or {}))
+        _one_per_name(found, entries)
     known = set(app.tasks.keys())
     for key, schedule in found.items():
         if len(key) > SCHEDULE_KEY_MAX:
@@ -71,6 +91,76 @@ def load_all(
                 schedule, timetable=None, problem=f"unknown task {schedule.task!r}", source_row=()
             )
     return found
+
+
+def _one_per_name(found: dict[str, Schedule], entries: Mapping[str, Any]) -> None:
+    """A ``beat_schedule`` entry whose name has a ``PeriodicTask`` row is that row: the
+    entry's own key goes, its beat options (which have no column) go onto the row."""
+    for name in entries:
+        row, entry = found.get(f"periodic:{name}"), found.get(f"beat:{name}")
+        if row is None or entry is None or entry.problem:
+            continue
+        del found[entry.key]
+        carried = (entry.skip_if_older_than, entry.overlap, entry.from_previous)
+        if (row.skip_if_older_than, row.overlap, row.from_previous) != carried:
+            found[row.key] = replace(
+                row,
+                skip_if_older_than=entry.skip_if_older_than,
+                overlap=entry.overlap,
+                from_previous=entry.from_previous,
+            )
+
+
+def beat_entries(app: Any) -> dict[str, Any]:
+    """Celery's ``beat_schedule`` and the default entry Celery's beat installs
+    (``install_default_entries``): ``celery.backend_cleanup`` daily at 04:00, its message
+    expiring after 12 h, when a result backend that does not expire results itself and
+    ``result_expires`` are set (Celery's beat also sends it with no result backend, where
+    it does nothing; this beat does not)."""
+    entries = dict(app.conf.beat_schedule or {})
+    if BACKEND_CLEANUP not in entries and _cleans_up_results(app):
+        entries[BACKEND_CLEANUP] = _cleanup_entry(expires=12 * 3600)
+    return entries
+
+
+def _cleanup_entry(**options: Any) -> dict[str, Any]:
+    """The default ``celery.backend_cleanup`` entry: Celery's beat gives its message
+    ``expires``, DatabaseScheduler's row ``expire_seconds`` (the same 12 h)."""
+    from celery.schedules import crontab
+
+    return {"task": BACKEND_CLEANUP, "schedule": crontab("0", "4", "*"), "options": options}
+
+
+def _cleans_up_results(app: Any) -> bool:
+    backend = app.backend_cls or app.conf.result_backend
+    if not app.conf.result_expires or not backend:
+        return False
+    from celery.app import backends
+    from celery.backends.base import DisabledBackend
+
+    try:
+        found: Any = backends.by_url(backend, app.loader)  # (class, url): untyped stubs
+        cls = found[0]
+    except Exception as exc:  # the workers fail on it too; the beat says so once, goes on
+        text = f"result backend {backend!r} cannot be loaded ({describe(exc)})"
+        if text not in _SAID:
+            _SAID.add(text)
+            logger.warning("%s: no celery.backend_cleanup schedule", text)
+        return False
+    return not issubclass(cls, DisabledBackend) and not cls.supports_autoexpire
+
+
+def mirror(app: Any, *, using: str) -> list[str]:
+    """Write the ``beat_schedule`` entries into the ``PeriodicTask`` rows of their names
+    that exist, with DatabaseScheduler's default entry first, as DatabaseScheduler does
+    when it starts; the names written (none without django-celery-beat)."""
+    if not apps.is_installed("django_celery_beat"):
+        return []
+    entries: dict[str, Any] = {}
+    if app.conf.result_expires:  # DatabaseScheduler.install_default_entries
+        entries[BACKEND_CLEANUP] = _cleanup_entry(expire_seconds=12 * 3600)
+    entries.update(app.conf.beat_schedule or {})
+    return periodic_tasks.mirror(entries, using=using)
 
 
 _IMPORTED: set[int] = set()
@@ -101,6 +191,7 @@ def from_beat_schedule(
         key = f"beat:{name}"
         options = dict(entry.get("options") or {})
         beat_options = {k: options.pop(k) for k in BEAT_OPTIONS if k in options}
+        options["headers"] = {**dict(options.get("headers") or {}), **BEAT_HEADERS}
         base = Schedule(
             key=key,
             source="beat",
@@ -202,8 +293,7 @@ def _periodic(row: dict[str, Any], source_row: tuple[Any, ...]) -> Schedule:
     try:
         options = {k: row[k] for k in ("queue", "exchange", "routing_key", "priority") if row[k]}
         headers = _json(row["headers"] or "{}", "headers", dict)
-        if headers:
-            options["headers"] = headers
+        options["headers"] = {**headers, PERIODIC_TASK_NAME: row["name"], **BEAT_HEADERS}
         if row["expire_seconds"]:
             options["expires"] = int(row["expire_seconds"])
         return Schedule(

@@ -106,13 +106,7 @@ class Cluster:
                 args += ["--schedule", str(self.tmp / f"beat{len(self.nodes)}")]
             for spec in self.lead:
                 args += ["--lead", spec]
-            with log.open("wb") as out:
-                process = subprocess.Popen(
-                    args, cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT
-                )
-            node = Node(process, log)
-            self.nodes.append(node)
-            started.append(node)
+            started.append(self._spawn(args, log))
         pids = {node.pid for node in started}
         poll(
             f"{count} runner(s) to register",
@@ -120,6 +114,16 @@ class Cluster:
             timeout=60,
         )
         return started
+
+    def start_celery_beat(self, scheduler: str) -> Node:
+        """A plain ``celery beat`` with another scheduler class (django-celery-beat's
+        ``DatabaseScheduler``, say): it registers no runner; returns once it started."""
+        log = self.tmp / f"celerybeat{len(self.nodes)}.log"
+        args = [sys.executable, "-m", "celery", "-A", "project", "beat", "--loglevel", "INFO"]
+        args += ["-S", scheduler, "--schedule", str(self.tmp / f"beat{len(self.nodes)}")]
+        node = self._spawn(args, log)
+        poll("celery beat to start", lambda: "beat: Starting..." in node.text(), timeout=60)
+        return node
 
     def start_worker(self, *extra: str) -> Node:
         """A Celery worker of the example project on the configured broker, once ready.
@@ -143,13 +147,17 @@ class Cluster:
             "--purge",
             *extra,
         ]
+        node = self._spawn(args, log)
+        poll("the worker to be ready", lambda: " ready." in node.text(), timeout=60)
+        return node
+
+    def _spawn(self, args: list[str], log: Path) -> Node:
         with log.open("wb") as out:
             process = subprocess.Popen(
                 args, cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT
             )
         node = Node(process, log)
         self.nodes.append(node)
-        poll("the worker to be ready", lambda: " ready." in node.text(), timeout=60)
         return node
 
     def leader(self, lease: str = "beat") -> Leader | None:

@@ -80,8 +80,8 @@ class Leader:
         self.stop = threading.Event()
         self.leadership = Leadership(term=term, stop_event=self.stop, using="default", ttl=30)
         self.clock = FrozenClock(wall=wall)
-        # No worker reports runs finished here: dispatch regardless unless a test says so.
-        settings = settings or get_settings().model_copy(update={"overlap": "allow_all"})
+        # No worker reports runs finished here: the default policy dispatches regardless.
+        settings = settings or get_settings()
         self.engine = BeatEngine(app, clock=self.clock, settings=settings, loaded=loaded)
         self.warm = self.engine.start(self.leadership)
 
@@ -355,7 +355,12 @@ def test_a_cron_call_that_met_a_restart_reports_its_end_on_a_fresh_connection(
         Lease.objects.count()  # and the function fails on the closed connection
 
     _run_cron(app, "t-restart", job, Run.Status.FAILED)
-    beat = Heartbeat.objects.get(name="cron:t-restart")
+    # The heartbeat is written after the run's end (the ledger first).
+    beat = poll(
+        "the cron's heartbeat",
+        lambda: Heartbeat.objects.filter(name="cron:t-restart").first(),
+        timeout=10,
+    )
     assert beat.failures == 1 and "connection is closed" in beat.last_error
 
 

@@ -26,12 +26,12 @@ from tests.tcpproxy import TcpProxy
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.django_db(transaction=True)]
 
-#: No worker runs here, so no run ever reports finished: dispatch regardless of overlap.
+#: Fast leases. No worker runs here, so no run ever reports finished: the default overlap
+#: policy dispatches regardless.
 SETTINGS = {
     "lease_ttl": 2.0,
     "renew_interval": 0.5,
     "acquire_interval": 0.1,
-    "overlap": "allow_all",
     "beat_refresh_interval": 1.0,
 }
 
@@ -79,7 +79,7 @@ def test_every_tick_is_dispatched_once_while_leaders_die(
         cluster = Cluster(tmp_path, SETTINGS)
     else:
         url = database_url(port=request.getfixturevalue("pgbouncer").port)
-        cluster = Cluster(tmp_path, {"overlap": "allow_all"}, env={"DATABASE_URL": url})
+        cluster = Cluster(tmp_path, {}, env={"DATABASE_URL": url})
     request.addfinalizer(cluster.stop)
     queue = f"chaos-{uuid.uuid4().hex[:8]}"
     every = IntervalSchedule.objects.create(every=1, period=IntervalSchedule.SECONDS)

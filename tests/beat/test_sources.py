@@ -23,7 +23,12 @@ from django_celery_beat.models import (
 
 from cluster_singletons.beat import crons
 from cluster_singletons.beat.schedule import Schedule
-from cluster_singletons.beat.sources import from_beat_schedule, from_periodic_tasks, load_all
+from cluster_singletons.beat.sources import (
+    BEAT_HEADERS,
+    from_beat_schedule,
+    from_periodic_tasks,
+    load_all,
+)
 from cluster_singletons.beat.timetables import UNIX_EPOCH, Cron, Every, Once
 from project.demo.localcluster import ROOT, database_url
 
@@ -82,7 +87,7 @@ def test_a_beat_entry_keeps_its_task_args_kwargs_and_send_options() -> None:
     )
     assert found.args == ("a", 1)
     assert found.kwargs == {"k": "v"}
-    assert found.options == {"queue": "q", "priority": 3}
+    assert found.options == {"queue": "q", "priority": 3, "headers": BEAT_HEADERS}
     assert found.fn is None
     assert (found.skip_if_older_than, found.overlap, found.from_previous) == (None, None, False)
 
@@ -126,7 +131,7 @@ def test_beat_options_are_popped_out_of_the_send_options() -> None:
     entry = {"task": "t.tick", "schedule": 10, "options": options}
     found = _one(entry)
     assert found.problem == ""
-    assert found.options == {"queue": "q"}, "only send_task's options are left"
+    assert found.options == {"queue": "q", "headers": BEAT_HEADERS}, "only send_task's are left"
     assert found.skip_if_older_than == 600.0
     assert found.overlap == "buffer_one"
     assert found.from_previous is True
@@ -286,7 +291,7 @@ def test_queue_routing_priority_headers_and_expiry_become_send_options() -> None
         "exchange": "ex",
         "routing_key": "reports.daily",
         "priority": 7,
-        "headers": {"h": "v"},
+        "headers": {"h": "v", "periodic_task_name": "routed", **BEAT_HEADERS},
         "expires": 30,
     }
     assert routed.args == ("a", 2)
@@ -294,7 +299,9 @@ def test_queue_routing_priority_headers_and_expiry_become_send_options() -> None
     assert routed.enabled is False
     assert routed.changed_at is not None and routed.changed_at.tzinfo is not None
     plain = found["periodic:plain"]
-    assert plain.options == {}, "unset columns send nothing; expires is the schedule's own"
+    assert plain.options == {"headers": {"periodic_task_name": "plain", **BEAT_HEADERS}}, (
+        "unset columns send nothing; expires is the schedule's own"
+    )
     assert plain.expires == T0 + timedelta(days=1)
     assert plain.first_tick_after(T0 + timedelta(days=1)) is None
     assert (plain.args, plain.kwargs) == ((), {})
@@ -415,14 +422,14 @@ def test_load_all_flags_an_unknown_task_name_as_a_problem(app: Celery) -> None:
         "ghost": {"task": "no.such.task", "schedule": 10},
         "both": {"task": "no.such.task", "schedule": 10, "options": {"overlap": "bad"}},
     }
-    _periodic("ghost", interval=_every(), task="no.such.periodic")
-    _periodic("known", interval=_every())
+    _periodic("ghost-row", interval=_every(), task="no.such.periodic")
+    _periodic("known-row", interval=_every())
     found = load_all(app, using="default")
-    for key, task in (("beat:ghost", "no.such.task"), ("periodic:ghost", "no.such.periodic")):
+    for key, task in (("beat:ghost", "no.such.task"), ("periodic:ghost-row", "no.such.periodic")):
         assert found[key].problem == f"unknown task {task!r}"
         assert found[key].timetable is None
     assert found["beat:known"].problem == "" and found["beat:known"].timetable is not None
-    assert found["periodic:known"].problem == ""
+    assert found["periodic:known-row"].problem == ""
     assert found["beat:both"].problem.startswith("overlap must be one of"), "first problem kept"
 
 
