@@ -85,7 +85,14 @@ def cluster_health(
     beats = heartbeats.by_name(using=db)
     grace = timedelta(seconds=settings.stale_grace)
 
-    def item(name: str, lease_name: str, kind: str, interval: float, deadline: Deadline) -> Item:
+    def item(
+        name: str,
+        lease_name: str,
+        kind: str,
+        interval: float,
+        deadline: Deadline,
+        first: Deadline | None = None,
+    ) -> Item:
         lease = held.get(names.prefixed(lease_name, prefix))
         beat = beats.get(name)
         base: dict[str, Any] = {"name": name, "kind": kind, "expected_interval": interval}
@@ -96,7 +103,7 @@ def cluster_health(
             if beat.beat_at is not None:
                 base["age"] = round((now - beat.beat_at).total_seconds(), 3)
         try:
-            state = status(lease, beat, now, grace=grace, deadline=deadline)
+            state = status(lease, beat, now, grace=grace, deadline=deadline, first=first)
         except Exception as exc:  # this item only: reported, never an error page
             logger.exception("the health of %s cannot be computed", name)
             state, base["last_error"] = FAILED, f"its health cannot be computed: {describe(exc)}"
@@ -122,7 +129,9 @@ def cluster_health(
             due = timetable.next_after(last)
             return None if due is None else due + grace
 
-        found.append(item(cron.key, names.BEAT, "cron", 0.0, next_run))
+        # Never run yet: stale only once its first run after the beat's leader started is
+        # overdue (a nightly job is not due all day).
+        found.append(item(cron.key, names.BEAT, "cron", 0.0, next_run, first=next_run))
     runners, healthy_runners = membership.counts(seen_within=settings.lease_ttl, now=now, using=db)
     return Report(
         healthy=healthy_runners > 0 and not any(i.status in UNHEALTHY for i in found),
