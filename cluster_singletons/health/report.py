@@ -1,11 +1,12 @@
 """The cluster's health report: is every singleton, ``@cron`` function and the beat making
-progress, and how many runners are alive?
+progress, can every schedule run, and how many runners are alive?
 
-``cluster_health`` reads the leases, heartbeats and runner registrations through their
-stores and judges each name with ``status.status``. Time is the database's: heartbeats
-are written with its clock and ages computed against it (or against an injected ``now``
-in tests). The probes, ``cluster_status``, the admin dashboard and the scrape-time
-metrics (``collector``) all show this one report.
+``cluster_health`` reads the leases, heartbeats, the beat's schedule records and runner
+registrations through their stores and judges each name with ``status.status``; a
+schedule the beat flagged (``ScheduleRecord.problem``) is ``invalid``. Time is the
+database's: heartbeats are written with its clock and ages computed against it (or
+against an injected ``now`` in tests). The probes, ``cluster_status``, the admin
+dashboard and the scrape-time metrics (``collector``) all show this one report.
 """
 
 from __future__ import annotations
@@ -16,14 +17,38 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from cluster_singletons import names
-from cluster_singletons.beat import crons, deliveries, ledger
+from cluster_singletons.beat import catalog, crons, deliveries, ledger, schedule_records
 from cluster_singletons.cluster import fencing, heartbeats, leases, membership
 from cluster_singletons.conf import ClusterSettings, get_settings
 from cluster_singletons.errors import describe
-from cluster_singletons.health.status import FAILED, NOT_LED, UNHEALTHY, Deadline, status
+from cluster_singletons.health.status import (
+    FAILED,
+    INVALID,
+    NOT_LED,
+    UNHEALTHY,
+    Deadline,
+    status,
+)
 from cluster_singletons.singletons import registry
 
 logger = logging.getLogger("cluster_singletons.health")
+
+#: What keeps a schedule from running, as the beat words it (``sources``, ``engine``): the
+#: ``kind`` label of ``cluster_beat_schedule_problems``; anything else is ``invalid``. (A
+#: key too long to store has no record: the beat only logs it.)
+PROBLEM_KINDS = {
+    "unknown task ": "unknown_task",
+    "its ticks cannot be planned": "unplannable",
+}
+INVALID_KIND = "invalid"
+KINDS = (*PROBLEM_KINDS.values(), INVALID_KIND)
+
+
+def problem_kind(problem: str) -> str:
+    """The kind of a schedule's problem text (``invalid``: a bad expression, zone, value)."""
+    return next(
+        (k for start, k in PROBLEM_KINDS.items() if problem.startswith(start)), INVALID_KIND
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -40,6 +65,8 @@ class Item:
     executions: int = 0
     failures: int = 0
     last_error: str = ""
+    #: A schedule's kind of problem (``problem_kind``).
+    problem: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if v not in (None, "")}
@@ -54,6 +81,8 @@ class Report:
     pending_intents: int
     pending_deliveries: int
     items: list[Item] = field(default_factory=list)
+    #: Schedules the beat cannot run, by kind of problem (``KINDS``; none: absent).
+    schedule_problems: dict[str, int] = field(default_factory=dict)
     #: Live runner id -> its estimate of the database's clock minus its wall clock (s).
     clock_offsets: dict[int, float] = field(default_factory=dict)
 
@@ -67,6 +96,7 @@ class Report:
                 pending_intents=self.pending_intents,
                 pending_deliveries=self.pending_deliveries,
                 checks=[item.as_dict() for item in self.items],
+                schedule_problems=self.schedule_problems,
                 clock_offsets={str(k): round(v, 6) for k, v in self.clock_offsets.items()},
             )
         return out
@@ -132,6 +162,14 @@ def cluster_health(
         # Never run yet: stale only once its first run after the beat's leader started is
         # overdue (a nightly job is not due all day).
         found.append(item(cron.key, names.BEAT, "cron", 0.0, next_run, first=next_run))
+    problems: dict[str, int] = {}
+    flagged = schedule_records.problems(using=db, excluding=[catalog.DELETED])
+    for key, problem in sorted(flagged.items()):
+        kind = problem_kind(problem)
+        problems[kind] = problems.get(kind, 0) + 1
+        found.append(
+            Item(name=key, kind="schedule", status=INVALID, last_error=problem, problem=kind)
+        )
     runners, healthy_runners = membership.counts(seen_within=settings.lease_ttl, now=now, using=db)
     return Report(
         healthy=healthy_runners > 0 and not any(i.status in UNHEALTHY for i in found),
@@ -141,6 +179,7 @@ def cluster_health(
         pending_intents=ledger.pending_count(using=db),
         pending_deliveries=deliveries.pending_count(using=db),
         items=found if detail else [],
+        schedule_problems=problems,
         clock_offsets=membership.clock_offsets(seen_within=settings.lease_ttl, now=now, using=db)
         if detail
         else {},

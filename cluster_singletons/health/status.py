@@ -11,6 +11,8 @@ function of the name's lease, its heartbeat and ``now``:
   function: its next run overdue by more than ``stale_grace``). For the beat, whose
   engine beats at least every ``beat_refresh_interval``, this is how a beat that hangs
   while its process lives turns the health red.
+- ``invalid``: a schedule the beat cannot run (a bad expression, an unknown task...);
+  ``last_error`` says why. Not a function of a lease: the beat's record of the schedule.
 - ``healthy``.
 """
 
@@ -22,7 +24,8 @@ from datetime import datetime, timedelta
 from cluster_singletons.models import Heartbeat, Lease
 
 HEALTHY, STALE, NEVER, FAILED, NOT_LED = "healthy", "stale", "never_executed", "failed", "not_led"
-UNHEALTHY = frozenset({STALE, FAILED, NOT_LED})
+INVALID = "invalid"
+UNHEALTHY = frozenset({STALE, FAILED, NOT_LED, INVALID})
 
 #: When a heartbeat at the given time goes stale (``None``: never).
 Deadline = Callable[[datetime], datetime | None]
