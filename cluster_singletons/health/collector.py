@@ -35,8 +35,13 @@ class ClusterCollector(Collector):
             logger.warning("cluster metrics unavailable: %s", exc)
             return
         for name, value, text in (
-            ("cluster_runners", report.runners, "Registered runners seen within the lease TTL."),
+            ("cluster_runners", report.runners, "Runners live or stopping (not gone)."),
             ("cluster_runners_healthy", report.runners_healthy, "Live runners not stopping."),
+            (
+                "cluster_runners_gone",
+                report.runners_gone,
+                "Registrations not seen within the lease TTL (or whose session ended).",
+            ),
             ("cluster_singletons_led", report.led, "Singletons with a current leader."),
             ("cluster_beat_pending_intents", report.pending_intents, "Ledger intents unpublished."),
             (

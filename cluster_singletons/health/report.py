@@ -23,10 +23,13 @@ from cluster_singletons.conf import ClusterSettings, get_settings
 from cluster_singletons.errors import describe
 from cluster_singletons.health.status import (
     FAILED,
+    GONE,
     INVALID,
+    LIVE,
     NOT_LED,
     UNHEALTHY,
     Deadline,
+    runner_state,
     status,
 )
 from cluster_singletons.singletons import registry
@@ -73,10 +76,33 @@ class Item:
 
 
 @dataclass(frozen=True, kw_only=True)
+class RunnerStatus:
+    """One registration as the report shows it: ``state`` is ``live``, ``stopping`` or
+    ``gone`` (``status.runner_state``), ``seen_ago`` seconds by the database's clock."""
+
+    id: int
+    host: str
+    pid: int
+    kind: str
+    started_at: datetime
+    last_seen: datetime
+    seen_ago: float
+    state: str
+    stopping: bool
+    crash_detection: str
+    clock_offset: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True, kw_only=True)
 class Report:
     healthy: bool
+    #: Registrations not gone (live or stopping), and of those the live ones.
     runners: int
     runners_healthy: int
+    runners_gone: int
     led: int
     pending_intents: int
     pending_deliveries: int
@@ -85,6 +111,12 @@ class Report:
     schedule_problems: dict[str, int] = field(default_factory=dict)
     #: Live runner id -> its estimate of the database's clock minus its wall clock (s).
     clock_offsets: dict[int, float] = field(default_factory=dict)
+    #: Every registration, oldest first, with its state (empty without ``detail``).
+    runner_list: list[RunnerStatus] = field(default_factory=list)
+
+    @property
+    def runners_stopping(self) -> int:
+        return self.runners - self.runners_healthy
 
     def as_dict(self, *, detail: bool) -> dict[str, Any]:
         out: dict[str, Any] = {"status": "ok" if self.healthy else "unhealthy"}
@@ -92,6 +124,7 @@ class Report:
             out.update(
                 runners=self.runners,
                 runners_healthy=self.runners_healthy,
+                runners_gone=self.runners_gone,
                 singletons_led=self.led,
                 pending_intents=self.pending_intents,
                 pending_deliveries=self.pending_deliveries,
@@ -170,17 +203,54 @@ def cluster_health(
         found.append(
             Item(name=key, kind="schedule", status=INVALID, last_error=problem, problem=kind)
         )
-    runners, healthy_runners = membership.counts(seen_within=settings.lease_ttl, now=now, using=db)
+    runner_list = _runners(now, settings)
+    states = [r.state for r in runner_list]
     return Report(
-        healthy=healthy_runners > 0 and not any(i.status in UNHEALTHY for i in found),
-        runners=runners,
-        runners_healthy=healthy_runners,
+        healthy=LIVE in states and not any(i.status in UNHEALTHY for i in found),
+        runners=len(states) - states.count(GONE),
+        runners_healthy=states.count(LIVE),
+        runners_gone=states.count(GONE),
         led=sum(1 for i in found if i.kind == "singleton" and i.status != NOT_LED),
         pending_intents=ledger.pending_count(using=db),
         pending_deliveries=deliveries.pending_count(using=db),
         items=found if detail else [],
         schedule_problems=problems,
-        clock_offsets=membership.clock_offsets(seen_within=settings.lease_ttl, now=now, using=db)
+        clock_offsets={
+            r.id: r.clock_offset
+            for r in runner_list
+            if r.state != GONE and r.clock_offset is not None
+        }
         if detail
         else {},
+        runner_list=runner_list if detail else [],
     )
+
+
+#: What a ``RunnerStatus`` shows of its registration as it is.
+_COPIED = (
+    "id",
+    "host",
+    "pid",
+    "kind",
+    "started_at",
+    "last_seen",
+    "stopping",
+    "crash_detection",
+    "clock_offset",
+)
+
+
+def _runners(now: datetime, settings: ClusterSettings) -> list[RunnerStatus]:
+    found = []
+    for row in membership.rows(using=settings.database):
+        state = runner_state(
+            last_seen=row.last_seen,
+            stopping=row.stopping,
+            session_gone=row.session_gone,  # type: ignore[attr-defined]
+            now=now,
+            ttl=settings.lease_ttl,
+        )
+        seen_ago = round((now - row.last_seen).total_seconds(), 3)
+        copied: dict[str, Any] = {name: getattr(row, name) for name in _COPIED}
+        found.append(RunnerStatus(**copied, seen_ago=seen_ago, state=state))
+    return found

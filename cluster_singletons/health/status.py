@@ -55,3 +55,17 @@ def status(
         return NEVER if first_at is None or now <= max(first_at, grace_end) else STALE
     stale_at = deadline(beat.beat_at)
     return STALE if stale_at is not None and now > max(stale_at, grace_end) else HEALTHY
+
+
+LIVE, STOPPING, GONE = "live", "stopping", "gone"
+
+
+def runner_state(
+    *, last_seen: datetime, stopping: bool, session_gone: bool, now: datetime, ttl: float
+) -> str:
+    """What a runner registration says of its process at ``now`` (a pure function):
+    ``gone`` when not seen for ``ttl`` (or its PostgreSQL session ended), ``stopping``
+    while it hands off, else ``live``."""
+    if session_gone or now - last_seen > timedelta(seconds=ttl):
+        return GONE
+    return STOPPING if stopping else LIVE
