@@ -80,6 +80,8 @@ class LeaderScheduler(Scheduler):
         if runner is not None:
             runner.stop()
             runner.join(runner.settings.shutdown_timeout + 5)
+            if runner.error is not None:  # Celery's beat exits 0 on the SystemExit of a tick
+                raise SystemExit(1)
 
     @property
     def info(self) -> str:

@@ -24,7 +24,7 @@ import threading
 from django.db import connections
 
 from cluster_singletons._connection import DATABASE_ERRORS, drop_if_unusable
-from cluster_singletons.cluster import leases, membership
+from cluster_singletons.cluster import leases, membership, schema
 from cluster_singletons.cluster.coordinator import Coordinator
 from cluster_singletons.errors import DatabaseUnavailable, describe
 
@@ -94,6 +94,10 @@ class Runner(Coordinator):
             except DATABASE_ERRORS as exc:
                 self.runner_id = None
                 waited = self.clock.monotonic() - start
+                if (missing := schema.not_migrated(self.using)) is not None:
+                    self.error = missing  # no wait fixes this
+                    logger.error("giving up: %s", self.error)
+                    return False
                 if waited + backoff.delay > self.settings.startup_timeout:
                     self.error = DatabaseUnavailable(waited, exc)
                     logger.error("giving up: %s", self.error)
