@@ -22,6 +22,7 @@ from typing import Any
 
 from celery import Celery, bootsteps
 from click import Option
+from django.core.exceptions import ImproperlyConfigured
 
 logger = logging.getLogger("cluster_singletons.worker")
 
@@ -42,9 +43,15 @@ class ClusterRunner(bootsteps.StartStopStep):
 
     def start(self, parent: Any) -> None:
         from cluster_singletons.cluster.runner import Runner
+        from cluster_singletons.conf import refuse_to_start
         from cluster_singletons.singletons import driver, registry
 
-        self.runner = Runner(driver.work(), kind="worker", placement_prefix=registry.LEASE_PREFIX)
+        try:
+            self.runner = Runner(
+                driver.work(), kind="worker", placement_prefix=registry.LEASE_PREFIX
+            )
+        except ImproperlyConfigured as exc:  # Celery would log it with a traceback
+            raise refuse_to_start(exc, logger) from None
         self.runner.start()
         watch = threading.Thread(
             target=_stop_worker_on_error, args=(self.runner,), name="cluster-runner-watch"

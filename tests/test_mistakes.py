@@ -78,3 +78,18 @@ def test_unapplied_migrations_say_run_migrate_at_once_and_exit_1(
     assert "run `python manage.py migrate`" in output, output
     assert "database unreachable" not in output, output
     assert "Traceback" not in output, output
+
+
+@pytest.mark.parametrize("host", sorted(HOSTS))
+def test_a_mistyped_setting_is_one_line_suggesting_the_key_and_never_its_value(
+    host: str, tmp_path: Path
+) -> None:
+    bad = '{"lease_tll": 10, "helth_token": "s3cret-token"}'
+    done = _run(HOSTS[host], tmp_path, CLUSTER_SINGLETONS_JSON=bad)
+    output = done.stdout + done.stderr
+    assert done.returncode not in (0, None), output
+    assert output.count("lease_tll") == 1, output
+    assert "'lease_tll'] is not a setting (did you mean 'lease_ttl'?)" in output, output
+    assert "did you mean 'health_token'?" in output, output
+    assert "s3cret" not in output, output
+    assert "Traceback" not in output, output
