@@ -42,15 +42,18 @@ class ClusterRunner(bootsteps.StartStopStep):
         self.runner: Any = None
 
     def start(self, parent: Any) -> None:
-        from cluster_singletons.cluster.runner import Runner
+        from cluster_singletons._installed import require_installed
         from cluster_singletons.conf import refuse_to_start
-        from cluster_singletons.singletons import driver, registry
 
-        try:
+        try:  # Celery would log these with a traceback
+            require_installed()
+            from cluster_singletons.cluster.runner import Runner
+            from cluster_singletons.singletons import driver, registry
+
             self.runner = Runner(
                 driver.work(), kind="worker", placement_prefix=registry.LEASE_PREFIX
             )
-        except ImproperlyConfigured as exc:  # Celery would log it with a traceback
+        except ImproperlyConfigured as exc:
             raise refuse_to_start(exc, logger) from None
         self.runner.start()
         watch = threading.Thread(

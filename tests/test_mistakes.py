@@ -93,3 +93,21 @@ def test_a_mistyped_setting_is_one_line_suggesting_the_key_and_never_its_value(
     assert "did you mean 'health_token'?" in output, output
     assert "s3cret" not in output, output
     assert "Traceback" not in output, output
+
+
+_NOT_INSTALLED = "add 'cluster_singletons' to INSTALLED_APPS"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["manage.py", "check"], HOSTS["beat"], HOSTS["worker"]],
+    ids=["check", "beat", "worker"],
+)
+def test_the_app_missing_from_installed_apps_is_one_line_saying_what_to_add(
+    args: list[str], tmp_path: Path
+) -> None:
+    done = _run(args, tmp_path, DJANGO_SETTINGS_MODULE="tests.settings_without_app")
+    output = done.stdout + done.stderr
+    assert done.returncode not in (0, None), output
+    assert output.count(_NOT_INSTALLED) == 1, output
+    assert "Traceback" not in output and "RuntimeError" not in output, output
