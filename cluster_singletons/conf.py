@@ -152,6 +152,28 @@ class ClusterSettings(BaseModel):
             "or pause reaches ticks further ahead than this; 0 plans every tick when due."
         ),
     )
+    probe_file: str = Field(
+        "",
+        description=(
+            "A file each runner writes from its loop (JSON: its runner id, pid, loop time, "
+            "last renewal), for per-process liveness and readiness probes: `manage.py "
+            "cluster_probe live|ready` or, without Django, `python -m "
+            "cluster_singletons.cluster.probe live|ready FILE`. '{kind}' in the path is the "
+            "runner's kind (beat, runcluster, worker). Empty: no file."
+        ),
+    )
+    metrics_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description=(
+            "Serve this process's Prometheus metrics at http://metrics_address:PORT/metrics "
+            "from every runner process (beat, runcluster, --cluster worker); None: not served."
+        ),
+    )
+    metrics_address: str = Field(
+        "127.0.0.1", min_length=1, description="The address metrics_port listens on."
+    )
     beat_refresh_interval: float = Field(
         5.0,
         gt=0,

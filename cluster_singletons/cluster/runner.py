@@ -12,6 +12,8 @@ scheduler and the worker bootstep; they only start and stop it.
   is abandoned.
 - Stopping ends the leader work, releases every lease in one statement, so standbys take
   over immediately, and deregisters.
+- Each loop pass (and each wait for the database at start) touches the probe file
+  (``probe``), when ``probe_file`` is set; a clean exit removes it.
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ import threading
 
 from django.db import connections
 
+from cluster_singletons import metrics
 from cluster_singletons._connection import DATABASE_ERRORS, drop_if_unusable
 from cluster_singletons.cluster import leases, membership, schema
 from cluster_singletons.cluster.coordinator import Coordinator
+from cluster_singletons.cluster.probe import ProbeFile
 from cluster_singletons.errors import DatabaseUnavailable, describe
 
 logger = logging.getLogger("cluster_singletons.runner")
@@ -34,10 +38,16 @@ logger = logging.getLogger("cluster_singletons.runner")
 class Runner(Coordinator):
     """Membership and leadership for one process; see the module docstring."""
 
+    #: What this runner says of itself to per-process probes (``probe_file``); ``run``
+    #: opens it.
+    _probe = ProbeFile(None)
+
     # -- hosting -----------------------------------------------------------------------
 
     def start(self) -> None:
-        """Run the coordinator loop in a background thread."""
+        """Run the coordinator loop in a background thread (and serve this process's
+        metrics, with ``metrics_port``)."""
+        metrics.serve(self.settings.metrics_port, self.settings.metrics_address)
         self._thread = threading.Thread(target=self.run, name="cluster-coordinator", daemon=True)
         self._thread.start()
 
@@ -61,12 +71,14 @@ class Runner(Coordinator):
 
     def run(self) -> None:
         """Register (retrying), coordinate until stopped, then hand off and deregister."""
+        self._probe = ProbeFile.of(self.settings, self.kind)
         try:
             if not self.register():
                 return
             while not self._stopping.is_set():
                 now = self.clock.monotonic()
                 next_at = self.step(now)
+                self._touch_probe()
                 self._wake.clear()
                 if not self._stopping.is_set():
                     self.clock.wait(self._wake, next_at - self.clock.monotonic())
@@ -77,7 +89,17 @@ class Runner(Coordinator):
             self._abandon()
         finally:
             self._ready.set()
+            self._probe.remove()
             connections.close_all()
+
+    def _touch_probe(self) -> None:
+        estimate = self.database_clock.estimate  # as of the last renewal
+        self._probe.touch(
+            runner_id=self.runner_id,
+            renewed=None if estimate is None else estimate.at,
+            now=self.clock.monotonic(),
+            stopping=self._stopping.is_set(),
+        )
 
     def register(self) -> bool:
         """Register, retrying with capped backoff up to ``startup_timeout``; False if it gave up."""
@@ -110,6 +132,7 @@ class Runner(Coordinator):
                     self.settings.startup_timeout,
                 )
                 drop_if_unusable(self.using)
+                self._touch_probe()  # alive while it waits for the database
                 self.clock.wait(self._stopping, backoff.delay)
                 backoff = backoff.failed()
                 continue

@@ -32,6 +32,7 @@ from cluster_singletons.health.status import (
     runner_state,
     status,
 )
+from cluster_singletons.models import Runner
 from cluster_singletons.singletons import registry
 
 logger = logging.getLogger("cluster_singletons.health")
@@ -241,16 +242,18 @@ _COPIED = (
 
 
 def _runners(now: datetime, settings: ClusterSettings) -> list[RunnerStatus]:
-    found = []
-    for row in membership.rows(using=settings.database):
-        state = runner_state(
-            last_seen=row.last_seen,
-            stopping=row.stopping,
-            session_gone=row.session_gone,  # type: ignore[attr-defined]
-            now=now,
-            ttl=settings.lease_ttl,
-        )
-        seen_ago = round((now - row.last_seen).total_seconds(), 3)
-        copied: dict[str, Any] = {name: getattr(row, name) for name in _COPIED}
-        found.append(RunnerStatus(**copied, seen_ago=seen_ago, state=state))
-    return found
+    return [runner_status(row, now, settings) for row in membership.rows(using=settings.database)]
+
+
+def runner_status(row: Runner, now: datetime, settings: ClusterSettings) -> RunnerStatus:
+    """A registration read by ``membership.rows`` as of ``now`` (the database's clock)."""
+    state = runner_state(
+        last_seen=row.last_seen,
+        stopping=row.stopping,
+        session_gone=row.session_gone,  # type: ignore[attr-defined]
+        now=now,
+        ttl=settings.lease_ttl,
+    )
+    seen_ago = round((now - row.last_seen).total_seconds(), 3)
+    copied: dict[str, Any] = {name: getattr(row, name) for name in _COPIED}
+    return RunnerStatus(**copied, seen_ago=seen_ago, state=state)

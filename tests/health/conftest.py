@@ -3,4 +3,3 @@
 from __future__ import annotations
 
 from tests.beat.test_engine import _give_back_machine_id, app  # noqa: F401 (fixtures)
-from tests.cluster.test_failover import cluster_factory  # noqa: F401 (fixture)
