@@ -219,3 +219,18 @@ def test_without_a_probe_file_the_probe_finds_this_hosts_registration(
         lambda: _manage_probe(cluster, "ready", "--pid", str(node.pid)).returncode == 1,
         timeout=20,
     )
+
+
+@pytest.mark.multiprocess
+@pytest.mark.django_db(transaction=True)
+def test_a_cluster_worker_writes_its_probe_file_and_removes_it_on_warm_shutdown(
+    cluster_factory: type[Cluster], tmp_path: Path
+) -> None:
+    cluster = cluster_factory({**FAST, "probe_file": str(tmp_path / "probe-{kind}.json")})
+    worker = cluster.start_worker("--cluster")
+    path = tmp_path / "probe-worker.json"
+    poll("the worker's runner ready", lambda: _passes(_exec_probe("ready", path)), timeout=30)
+    assert json.loads(path.read_text())["pid"] == worker.pid
+    worker.process.send_signal(signal.SIGTERM)
+    assert worker.process.wait(timeout=30) == 0
+    assert not path.exists()
