@@ -14,6 +14,8 @@ function of the name's lease, its heartbeat and ``now``:
 - ``invalid``: a schedule the beat cannot run (a bad expression, an unknown task...);
   ``last_error`` says why. Not a function of a lease: the beat's record of the schedule.
 - ``healthy``.
+
+A runner registration is ``live``, ``stopping`` or ``gone`` (``runner_state``).
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import time
 from datetime import timedelta
 from io import StringIO
 from typing import Any
@@ -86,3 +87,25 @@ def test_a_sigkilled_runner_is_shown_gone_and_not_counted_live(
     assert "1 live &middot; 0 stopping &middot; 1 gone runners" in page, page
     assert f'data-runner="{ids[killed.pid]}" data-state="gone"' in page
     assert f'data-runner="{ids[kept.pid]}" data-state="live"' in page
+
+
+@pytest.mark.multiprocess
+@pytest.mark.postgres
+def test_on_postgres_a_sigkilled_runner_is_gone_long_before_its_ttl(
+    cluster_factory: type[Cluster], settings: Any
+) -> None:
+    long = {"lease_ttl": 30.0, "renew_interval": 5.0, "acquire_interval": 0.1}
+    settings.CLUSTER_SINGLETONS = long
+    cluster = cluster_factory(long)
+    (node,) = cluster.start(1)
+    runner = Runner.objects.get(pid=node.pid)
+    poll("its liveness session", lambda: Runner.objects.get(pk=runner.pk).liveness_lock, timeout=20)
+    sent = time.monotonic()
+    os.kill(node.pid, signal.SIGKILL)
+    node.process.wait(timeout=10)
+    poll(
+        "the killed runner shown gone",
+        lambda: " gone " in _line(_status_text(), runner.pk),
+        timeout=long["lease_ttl"] / 2,
+    )
+    assert time.monotonic() - sent < long["lease_ttl"] / 2
