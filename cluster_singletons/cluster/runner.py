@@ -82,6 +82,7 @@ class Runner(Coordinator):
                 self._wake.clear()
                 if not self._stopping.is_set():
                     self.clock.wait(self._wake, next_at - self.clock.monotonic())
+            self._touch_probe()  # says it is stopping: no longer ready
             self._shutdown()
         except BaseException as exc:  # the loop must never die silently
             self.error = exc

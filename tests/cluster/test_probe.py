@@ -234,3 +234,24 @@ def test_a_cluster_worker_writes_its_probe_file_and_removes_it_on_warm_shutdown(
     worker.process.send_signal(signal.SIGTERM)
     assert worker.process.wait(timeout=30) == 0
     assert not path.exists()
+
+
+@pytest.mark.multiprocess
+@pytest.mark.django_db(transaction=True)
+def test_a_runner_handing_off_after_sigterm_is_not_ready(
+    cluster_factory: type[Cluster], tmp_path: Path
+) -> None:
+    path = tmp_path / "probe.json"
+    settings = {**FAST, "probe_file": str(path), "shutdown_timeout": 20}
+    # Leader work that ignores the stop keeps the runner in its handoff for shutdown_timeout.
+    cluster = cluster_factory(settings, lead=["probe=project.demo.work:stubborn_probe"])
+    (node,) = cluster.start(1)
+    cluster.wait_for_leader("probe")
+    poll("ready", lambda: _passes(_exec_probe("ready", path)), timeout=30)
+    node.process.send_signal(signal.SIGTERM)
+    stopping = poll(
+        "not ready while it hands off",
+        lambda: (r := _exec_probe("ready", path)).returncode == 1 and r,
+        timeout=10,
+    )
+    assert stopping.stderr.strip().endswith(": stopping"), stopping.stderr
