@@ -1,7 +1,12 @@
 """Beat failover end to end at N schedules, for ``benchmarks.failover --schedules N``.
 
     .venv/bin/python -m benchmarks.failover --db postgres --schedules 100000 [--trials 3]
-        [--runners 3] [--pooler pgbouncer] [--cluster-json '{...}'] [--profile DIR]
+        [--standby warm,cold] [--runners 3] [--pooler pgbouncer] [--cluster-json '{...}']
+        [--profile DIR]
+
+Each ``--standby`` mode (``beat_standby``: warm, the default, keeps the schedules loaded
+on every standby; cold loads them at takeover) runs its trials in turn, side by side on
+the same schedules and machine.
 
 Schedules: ``benchmarks.beat``'s rows (``Layout``, ``create_schedules``: interval rows every
 ``--interval`` s spread evenly, plus the crontab share), created once in the fresh database
@@ -21,7 +26,8 @@ unless ``--keep-ledger`` (its size at the kill is reported):
    counters again. ``db reads/s per standby`` = (B - A) / standbys of ``xact_commit`` and
    of rows read: ``pg_stat_database`` ``tup_returned + tup_fetched``, and the rows and index
    entries read in user relations but the ledger (``pg_stat_user_tables`` /
-   ``_indexes``; only a leader reads the ledger). Database-wide counters: an estimate
+   ``_indexes``; a warm standby reads the ledger's new rows, and so does the leader).
+   Database-wide counters: an estimate
    (``benchmarks._standby_cost``); pg_stat_statements is not loaded on this server;
 4. after a random 0..``renew_interval`` s, SIGKILL the leader at ``t_kill`` (this process's
    wall clock just before ``os.kill``); poll the lease every 10 ms for the new holder;
@@ -42,8 +48,9 @@ corrected clock; this machine runs the database, so that is this process's clock
   / max lateness; ``missing`` = ticks due (computed from the layout) minus ticks recorded;
   max lateness per second since the kill;
 - the new leader: ``takeover_s`` = t_kill to the lease's ``acquired_at`` at epoch E1;
-  from that acquisition to its log line ``beat leader (epoch E1): K schedules`` (start()
-  done: load, open runs, republish) and to its first publication.
+  from that acquisition to its log line ``beat leader (epoch E1, warm|loaded): K
+  schedules`` (start() done: load or catch up, open runs, republish) and to its first
+  publication.
 
 ``--profile DIR``: py-spy (``record --idle --threads --format raw``, 100 Hz) on every
 standby from 3 s before the kill until 2 s after the first on-time publication; the new
@@ -244,14 +251,17 @@ class Trial:
         out.update(_kill_window.measure(t_kill, a.window, self.layout))
         text = child.text()
         loaded = re.search(
-            rf"^(\S+ \S+) .*beat leader \(epoch {epoch1}\): (\d+) schedules", text, re.M
+            rf"^(\S+ \S+) .*beat leader \(epoch {epoch1}(?:, (\w+))?\): (\d+) schedules",
+            text,
+            re.M,
         )
         first = out.get("first_publish_s")
         if lease_acq is not None:
             if loaded:
                 at = datetime.strptime(loaded[1], LOG_STAMP).timestamp()
                 out["acquired_to_loaded_s"] = round(at - lease_acq, 3)
-                out["schedules_loaded"] = int(loaded[2])
+                out["start"] = loaded[2]
+                out["schedules_loaded"] = int(loaded[3])
             if first is not None:
                 out["acquired_to_first_publish_s"] = round(t_kill + first - lease_acq, 3)
         out["new_leader_log_problems"] = log_problems(child)
@@ -265,19 +275,17 @@ class Trial:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Every trial at ``args.schedules``; the summary and the trials."""
+    """Every trial at ``args.schedules`` for each standby mode; per mode the summary and
+    the trials."""
     tmp = Path(tempfile.mkdtemp(prefix="cs-beatfail-"))
     bench = Bench(args, tmp, pg_db=PG_DB)
     layout = Layout(args.schedules, args.interval, args.cron_share)
     settings = {**LEADER_JSON, **json.loads(args.cluster_json or "{}")}
-    env = {
-        **bench.env,
-        "CELERY_BROKER_URL": f"{REDIS}/{args.redis_db}",
-        "CLUSTER_SINGLETONS_JSON": json.dumps(settings),
-    }
+    modes = [m.strip() for m in args.standby.split(",") if m.strip()]
+    env = {**bench.env, "CELERY_BROKER_URL": f"{REDIS}/{args.redis_db}"}
     bouncer = None
     rng = random.Random(args.seed)
-    trials: list[dict[str, Any]] = []
+    by_mode: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
     load = [os.getloadavg()]
     try:
         bench.setup_django()
@@ -289,18 +297,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             bouncer = PgBouncer(("127.0.0.1", 5432), user="postgres")
             bouncer.start()
             env["DATABASE_URL"] = f"postgres://postgres@127.0.0.1:{bouncer.port}/{PG_DB}"
-        for number in range(1, args.trials + 1):
-            if number > 1 and not args.keep_ledger:  # each trial from an empty ledger
-                with connections["default"].cursor() as cursor:
-                    cursor.execute("TRUNCATE cluster_singletons_run")
-            trial = Trial(bench, layout, env, number, rng)
-            try:
-                trials.append(trial.run())
-            finally:
-                trial.stop()
-            load.append(os.getloadavg())
-            brief = {k: trials[-1].get(k) for k in BRIEF}
-            print(f"  trial {number}: {json.dumps(brief)}", file=sys.stderr, flush=True)
+        number = 0
+        for mode in modes:
+            mode_env = {
+                **env,
+                "CLUSTER_SINGLETONS_JSON": json.dumps({**settings, "beat_standby": mode}),
+            }
+            trials = by_mode[mode]
+            for _ in range(args.trials):
+                number += 1
+                if number > 1 and not args.keep_ledger:  # each trial from an empty ledger
+                    with connections["default"].cursor() as cursor:
+                        cursor.execute("TRUNCATE cluster_singletons_run")
+                trial = Trial(bench, layout, mode_env, number, rng)
+                try:
+                    trials.append({"standby_mode": mode, **trial.run()})
+                finally:
+                    trial.stop()
+                load.append(os.getloadavg())
+                brief = {k: trials[-1].get(k) for k in BRIEF}
+                print(
+                    f"  trial {number} ({mode}): {json.dumps(brief)}", file=sys.stderr, flush=True
+                )
         db_version = bench.db_version()
     finally:
         bench.procs.stop_all()
@@ -323,8 +341,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "db_version": db_version,
         "loadavg": load,
         "caught_up_rows": CAUGHT_UP_ROWS,
-        "trials": trials,
-        "summary": _failover_report.summary(trials),
+        "modes": {
+            mode: {"trials": trials, "summary": _failover_report.summary(trials)}
+            for mode, trials in by_mode.items()
+        },
     }
 
 
@@ -341,6 +361,7 @@ OPTIONS: tuple[tuple[str, type, Any, str], ...] = (
     ("--grace", float, 120.0, "s for a takeover and for the window's ticks to be published"),
     ("--redis-db", int, 11, "the broker's Redis db (flushed)"),
     ("--cluster-json", str, None, "settings the runners get on top of overlap=allow_all (JSON)"),
+    ("--standby", str, "warm,cold", "beat_standby modes run side by side, comma-separated"),
     ("--profile", str, None, "DIR: py-spy the standbys through the takeover (a diagnostic run)"),
 )
 

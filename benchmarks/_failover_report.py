@@ -42,6 +42,23 @@ def cell(v: Any) -> str:
 
 
 def print_report(res: dict[str, Any]) -> None:
+    """Per standby mode: the trials' table, the standbys' costs, the summary; then the
+    modes side by side."""
+    for mode, part in res["modes"].items():
+        print(f"\n== beat_standby = {mode} ==")
+        print_mode(part)
+    if len(res["modes"]) > 1:
+        print("\nside by side (median / worst over the trials):")
+        keys = sorted({k for part in res["modes"].values() for k in part["summary"]})
+        for key in keys:
+            cells = [
+                f"{mode}: {v['median']} / {v['max']}" if (v := part["summary"].get(key)) else "-"
+                for mode, part in res["modes"].items()
+            ]
+            print(f"  {key}: " + "; ".join(cells))
+
+
+def print_mode(res: dict[str, Any]) -> None:
     cols = [
         ("trial", 5),
         ("takeover s", 10),

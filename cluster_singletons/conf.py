@@ -152,6 +152,14 @@ class ClusterSettings(BaseModel):
             "or pause reaches ticks further ahead than this; 0 plans every tick when due."
         ),
     )
+    beat_standby: Literal["warm", "cold"] = Field(
+        "warm",
+        description=(
+            "What a runner standing by for the beat keeps: 'warm' keeps every schedule "
+            "loaded and follows the run ledger, so a takeover dispatches at once; 'cold' "
+            "loads the schedules when it takes over (seconds at 100k schedules)."
+        ),
+    )
     probe_file: str = Field(
         "",
         description=(

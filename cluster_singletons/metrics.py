@@ -67,6 +67,11 @@ CLOCK_OFFSET = Gauge(
     "The database's clock minus this process's wall clock, estimated at each renewal.",
     multiprocess_mode="liveall",
 )
+BEAT_STANDBY_WARM = Gauge(
+    "cluster_beat_standby_warm",
+    "1 while this process stands by for the beat with the schedules loaded and followed.",
+    multiprocess_mode="liveall",
+)
 DISPATCH_LATENESS = Histogram(
     "cluster_beat_dispatch_lateness_seconds",
     "Publish time minus scheduled time of each dispatched tick.",

@@ -22,10 +22,11 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-from cluster_singletons.beat import planning
+from cluster_singletons.beat import ledger, planning
 from cluster_singletons.beat.planning import Entry
 from cluster_singletons.beat.schedule import Schedule
 from cluster_singletons.errors import describe
+from cluster_singletons.models import Run
 
 logger = logging.getLogger("cluster_singletons.beat")
 
@@ -99,6 +100,54 @@ class Catalog:
             entry.queued = self._seq
             item = (entry.due, self._seq, entry.schedule.key)
             heapq.heappush(self._waiting if waiting else self._heap, item)
+
+    def requeue(self) -> None:
+        """Rebuild the heaps from the cursors, dropping retired items (a standby's pushes
+        leave one behind for every tick it follows)."""
+        self._waiting.clear()
+        self._heap = []
+        for entry in self.entries.values():
+            entry.queued = -1
+            if entry.due is not None:
+                self._seq += 1
+                entry.queued = self._seq
+                self._heap.append((entry.due, self._seq, entry.schedule.key))
+        heapq.heapify(self._heap)
+
+    @property
+    def items(self) -> int:
+        """How many items the heaps hold, live or retired."""
+        return len(self._heap) + len(self._waiting)
+
+    def follow(self, rows: Iterable[ledger.Recorded]) -> datetime | None:
+        """Move the cursors past the ticks a leader recorded (``rows``, by tick) and take
+        its runs as open; returns when the newest row was created (None: no rows)."""
+        newest: datetime | None = None
+        for key, tick, status, task_id, created in rows:
+            if newest is None or created > newest:
+                newest = created
+            entry = self.entries.get(key)
+            ran = status != Run.Status.SKIPPED
+            if entry is not None and self._recorded(entry, tick, ran=ran) and ran:
+                entry.open_run, entry.open_since = task_id, max(created, tick)
+        return newest
+
+    def passed(self, ticks: Mapping[str, datetime | None]) -> None:
+        """Move the cursors past the last ticks their records say passed (a paused
+        schedule's ticks pass without rows)."""
+        for key, tick in ticks.items():
+            entry = self.entries.get(key)
+            if entry is not None and tick is not None:
+                self._recorded(entry, tick, ran=False)
+
+    def _recorded(self, entry: Entry, tick: datetime, *, ran: bool) -> bool:
+        """``entry`` past ``tick``, requeued; False if it was already."""
+        before = entry.last_tick
+        planning.recorded(entry, tick, ran=ran)
+        if entry.last_tick == before:
+            return False
+        self.push(entry)
+        return True
 
     def pop_due(
         self, now: datetime, horizon: datetime, *, limit: int, ahead_limit: int

@@ -87,6 +87,31 @@ def upcoming(*, before: datetime, using: str, limit: int) -> dict[int, datetime]
     return dict(rows)
 
 
+class Upcoming:
+    """The pending deliveries the leading beat fetched ahead of their time, fetched
+    again every ``poll`` seconds: which are due, and when to look next."""
+
+    def __init__(self, now: datetime, *, poll: float, using: str, limit: int) -> None:
+        self._poll, self._using, self._limit = timedelta(seconds=poll), using, limit
+        self._next_poll = now
+        self._due: dict[int, datetime] = {}
+
+    @property
+    def next_at(self) -> datetime:
+        """When the next fetch or the first delivery fetched is due."""
+        return min([self._next_poll, *self._due.values()])
+
+    def take_due(self, now: datetime) -> list[int]:
+        """The ids due by ``now`` (fetching first if a fetch is due), handed out once."""
+        if now >= self._next_poll:
+            self._next_poll = now + self._poll
+            self._due = upcoming(before=self._next_poll, using=self._using, limit=self._limit)
+        ready = [i for i, at in self._due.items() if at <= now]
+        for delivery_id in ready:
+            del self._due[delivery_id]
+        return ready
+
+
 def claim(ids: Sequence[int], *, term: Term, using: str, ttl: float) -> list[Run]:
     """Mark these deliveries dispatched and record them in the ledger, fenced on ``term``;
     cancelled ones are left out. Returns the ledger rows to publish."""

@@ -24,16 +24,18 @@ which runs in its own thread.
 
 from __future__ import annotations
 
+import copy
 import gc
 import logging
+from collections.abc import Iterable
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
-from django.apps import apps
 from django.db import connections
 
 from cluster_singletons import metrics, names
+from cluster_singletons._connection import DATABASE_ERRORS, drop_if_unusable
 from cluster_singletons.beat import (
     deliveries,
     ledger,
@@ -43,7 +45,8 @@ from cluster_singletons.beat import (
     refresh,
     schedule_records,
 )
-from cluster_singletons.beat.catalog import Catalog
+from cluster_singletons.beat.catalog import Catalog, Changes
+from cluster_singletons.beat.loaded import Loaded
 from cluster_singletons.beat.planning import Entry
 from cluster_singletons.beat.schedule import Schedule
 from cluster_singletons.clock import Clock, SystemClock
@@ -53,6 +56,7 @@ from cluster_singletons.cluster.leadership import Leadership
 from cluster_singletons.conf import ClusterSettings, get_settings
 from cluster_singletons.errors import describe
 from cluster_singletons.models import Run
+from cluster_singletons.pacing import Backoff
 
 logger = logging.getLogger("cluster_singletons.beat")
 
@@ -66,10 +70,6 @@ _AHEAD_PER_PASS = 100
 _HEARTBEAT_EVERY = 1.0
 #: How often the leading beat takes what the refresh thread saw.
 _TAKE_EVERY = 0.25
-_NEVER = datetime.max.replace(tzinfo=UTC)
-#: A watcher that has not completed a look for this many refresh intervals turns the
-#: beat's health red.
-_WATCHER_STALE = 3
 
 
 class BeatEngine:
@@ -81,40 +81,50 @@ class BeatEngine:
         *,
         settings: ClusterSettings | None = None,
         clock: Clock | None = None,
+        loaded: Loaded | None = None,
     ) -> None:
+        """``loaded``: the schedules a warm standby kept current (None: load them)."""
         self.app = app
         self.settings = settings or get_settings()
         self.clock: Clock = clock or SystemClock()
         self.using = self.settings.database
-        self.catalog = Catalog()
+        self.loaded = loaded or Loaded(
+            app, using=self.using, overlap_timeout=self.settings.overlap_timeout
+        )
         self._policy = planning.Policy(
             skip_if_older_than=self.settings.skip_if_older_than, overlap=self.settings.overlap
         )
         self._lookahead = timedelta(seconds=self.settings.beat_lookahead)
-        self._paused: frozenset[str] = frozenset()
-        self._signature: object = None
+        #: When the schedules' records are brought up to date (after the first pass).
+        self._settle_at: datetime | None = None
         self._watcher: refresh.Watcher | None = None
-        self._next_refresh = self._next_full = self._next_pending = self._next_delivery = (
-            self.clock.now()
+        self._next_refresh = self._next_full = self._next_pending = self.clock.now()
+        self._deliveries = deliveries.Upcoming(
+            self._next_refresh, poll=_DELIVERY_POLL, using=self.using, limit=_MAX_BATCH
         )
-        self._upcoming: dict[int, datetime] = {}
         self._next_heartbeat = self.clock.now()
         self._digested = connections[self.using].vendor == "postgresql"
         self._outbox = outbox.Outbox(
             app, using=self.using, clock=self.clock, after_publish=self._after_publish
         )
 
+    @property
+    def catalog(self) -> Catalog:
+        return self.loaded.catalog
+
     # -- hosting -----------------------------------------------------------------------
 
     def run(self, leadership: Leadership) -> None:
-        """Leader work for the ``beat`` lease: load, then step until the term ends."""
-        self.start(leadership)
-        # What was just loaded lives as long as the term: keep the collector from walking it
-        # (a full collection over a hundred thousand schedules stalls dispatch ~0.3 s).
-        gc.collect()
-        gc.freeze()
+        """Leader work for the ``beat`` lease: load (unless warm), then step until the term
+        ends. A pass that fails on the database is retried in place, schedules kept."""
+        warm = self.start(leadership)
+        if not warm:
+            # What was just loaded lives as long as the term: keep the collector from
+            # walking it (a full collection over 100k schedules stalls dispatch ~0.3 s).
+            gc.collect()
+            gc.freeze()
         self._watcher = refresh.Watcher(
-            self._look,
+            self.loaded.look,
             interval=self.settings.beat_refresh_interval,
             using=self.using,
             # Off PostgreSQL the signature misses bulk update()s: reread everything too.
@@ -123,34 +133,61 @@ class BeatEngine:
         )
         self._watcher.start()
         try:
-            window = self.settings.beat_batch_window
-            while leadership.running:
-                started = self.clock.now()
-                wake = max(self.step(leadership), started + timedelta(seconds=window))
-                delay = (wake - self.clock.now()).total_seconds()
-                if delay > 0:
-                    leadership.sleep(delay)
+            self._loop(leadership)
         finally:
             self._watcher.stop()
             self._watcher = None
             self._outbox.close()
-            gc.unfreeze()
+            if not warm:
+                gc.unfreeze()
 
-    def start(self, leadership: Leadership) -> None:
+    def _loop(self, leadership: Leadership) -> None:
+        window = timedelta(seconds=self.settings.beat_batch_window)
+        backoff = Backoff.from_settings(self.settings)
+        while leadership.running:
+            started = self.clock.now()
+            try:
+                wake = max(self.step(leadership), started + window)
+            except DATABASE_ERRORS as exc:
+                # The term goes on (the coordinator ends it if renewals fail too); the
+                # schedules stay loaded and the failed pass is planned again.
+                drop_if_unusable(self.using)
+                if not backoff.failures:
+                    logger.warning(
+                        "beat pass failed: database error (%s); retrying, schedules kept",
+                        describe(exc),
+                    )
+                leadership.sleep(backoff.delay)
+                backoff = backoff.failed()
+                continue
+            if backoff.failures:
+                logger.info("beat passes work again after %d failed", backoff.failures)
+                backoff = backoff.reset()
+            delay = (wake - self.clock.now()).total_seconds()
+            if delay > 0:
+                leadership.sleep(delay)
+
+    def start(self, leadership: Leadership) -> bool:
+        """Load the schedules, or bring a warm standby's up to the ledger; take over what a
+        previous leader recorded and did not publish. Returns whether it was warm."""
         now = self.clock.now()
-        self.catalog.clear()
         self._outbox.clear()
-        self._apply(self._look(full=True), now, leadership.term, first=True)
-        self._open_runs(now)
-        # Take over what a previous leader recorded and did not publish, including ticks
-        # it recorded ahead: those go out when due.
+        warm = self.loaded.loaded
+        seen = self.loaded.resume(now)
+        if seen is not None:  # an edit seen only now: from where the last leader had got
+            self._apply(seen, self.loaded.followed_to or now, leadership.term)
+        self._policy = replace(self._policy, overrides=self.loaded.overrides)
+        self._settle_at = now
+        # Including ticks the previous leader recorded ahead: those go out when due.
         self._republish(now, leadership, ahead=self._lookahead)
         logger.info(
-            "beat leader (epoch %s): %d schedules, next due %s",
+            "beat leader (epoch %s, %s): %d schedules, next due %s",
             leadership.term.epoch,
+            "warm" if warm else "loaded",
             len(self.catalog),
             due.isoformat() if (due := self.catalog.next_due) else "never",
         )
+        return warm
 
     # -- one pass ----------------------------------------------------------------------
 
@@ -166,11 +203,13 @@ class BeatEngine:
             self._dispatch_due(due, now, leadership)
         if now >= self._next_pending:
             self._republish(now, leadership)
-        if now >= min(self._next_delivery, self._next_upcoming):
+        if now >= self._deliveries.next_at:
             self._deliver(now, leadership)
         if now >= self._next_heartbeat:
             self._heartbeat(now, leadership.term)
-        wake = [self._next_refresh, self._next_pending, self._next_delivery, self._next_upcoming]
+        if self._settle_at is not None and now >= self._settle_at:
+            self._settle(now, leadership.term)
+        wake = [self._next_refresh, self._next_pending, self._deliveries.next_at]
         if (first := self.catalog.next_due) is not None:
             wake.append(first - self._lookahead)
         if (waiting := self.catalog.next_waiting) is not None:
@@ -179,30 +218,32 @@ class BeatEngine:
             wake.append(self._outbox.next_at)
         return min(wake)
 
-    @property
-    def _next_upcoming(self) -> datetime:
-        """When the first delivery already fetched falls due (far future: none)."""
-        return min(self._upcoming.values(), default=_NEVER)
-
     def _heartbeat(self, now: datetime, term: Term) -> None:
         """The beat's own freshness: a leader whose loop hangs stops writing this, and one
         whose watcher cannot look for edits writes why (the beat's health turns red)."""
         self._next_heartbeat = now + timedelta(seconds=_HEARTBEAT_EVERY)
-        interval = self.settings.beat_refresh_interval
-        watcher = self._watcher
-        problem = watcher.problem(stale_after=_WATCHER_STALE * interval) if watcher else None
         heartbeats.record(
             names.BEAT,
             runner_id=term.runner_id,
             epoch=term.epoch,
-            interval=interval,
-            error=problem,
+            interval=self.settings.beat_refresh_interval,
+            error=self._watcher.problem() if self._watcher else None,
             using=self.using,
         )
 
     # -- planning ----------------------------------------------------------------------
 
     def _dispatch_due(self, due: list[Entry], now: datetime, leadership: Leadership) -> None:
+        before_pass = [(entry, copy.copy(entry)) for entry in due]
+        try:
+            self._plan(due, now, leadership)
+        except Exception:  # the cursors as they were: planned again (recorded ticks once)
+            for entry, before in before_pass:
+                vars(entry).update(vars(before))
+                self.catalog.push(entry)
+            raise
+
+    def _plan(self, due: list[Entry], now: datetime, leadership: Leadership) -> None:
         open_ids = [e.open_run for e in due if e.open_run is not None and self._waits_for(e)]
         done = ledger.finished(open_ids, using=self.using) if open_ids else set()
         intents: list[ledger.Intent] = []
@@ -220,7 +261,7 @@ class BeatEngine:
                 self.catalog.push(entry, waiting=True)  # the policy decides when it is due
                 continue
             before = entry.last_tick
-            paused = entry.schedule.key in self._paused
+            paused = entry.schedule.key in self.loaded.paused
             try:
                 intents.extend(planning.plan(entry, at, paused=paused, policy=self._policy))
             except Exception as exc:  # this schedule only: flagged, the others go on
@@ -276,17 +317,7 @@ class BeatEngine:
         self._next_pending = self.clock.now() + timedelta(seconds=self.settings.retry_backoff_max)
 
     def _after_publish(self, runs: list[Run]) -> None:
-        """Keep django-celery-beat's bookkeeping true for its admin: last run, run count,
-        and one-off tasks disabled once run."""
-        names = [r.schedule.partition(":")[2] for r in runs if r.schedule.startswith("periodic:")]
-        if not names or not apps.is_installed("django_celery_beat"):
-            return
-        one_off = [
-            n
-            for n in names
-            if (e := self.catalog.entries.get(f"periodic:{n}")) and e.schedule.one_off
-        ]
-        periodic_tasks.record_runs(names, one_off=one_off, at=self.clock.now(), using=self.using)
+        periodic_tasks.after_publish(runs, self.catalog.schedules, self.clock.now(), self.using)
 
     def _republish(
         self, now: datetime, leadership: Leadership, *, ahead: timedelta = timedelta(0)
@@ -306,31 +337,14 @@ class BeatEngine:
     # -- delayed delivery --------------------------------------------------------------
 
     def _deliver(self, now: datetime, leadership: Leadership) -> None:
-        if now >= self._next_delivery:
-            self._next_delivery = now + timedelta(seconds=_DELIVERY_POLL)
-            self._upcoming = deliveries.upcoming(
-                before=self._next_delivery, using=self.using, limit=_MAX_BATCH
+        ready = self._deliveries.take_due(now)
+        if ready:
+            rows = deliveries.claim(
+                ready, term=leadership.term, using=self.using, ttl=self.settings.lease_ttl
             )
-        ready = [i for i, at in self._upcoming.items() if at <= now]
-        if not ready:
-            return
-        for delivery_id in ready:
-            del self._upcoming[delivery_id]
-        rows = deliveries.claim(
-            ready, term=leadership.term, using=self.using, ttl=self.settings.lease_ttl
-        )
-        self._enqueue(rows, now, leadership)
+            self._enqueue(rows, now, leadership)
 
     # -- loading -----------------------------------------------------------------------
-
-    def _look(self, *, full: bool = False) -> refresh.Seen:
-        return refresh.look(
-            self.app,
-            using=self.using,
-            signature=self._signature,
-            previous=self.catalog.schedules,
-            full=full,
-        )
 
     def _refresh(self, now: datetime, term: Term) -> None:
         """Apply what the refresh thread saw; without one (a test's clock), look now."""
@@ -341,48 +355,41 @@ class BeatEngine:
             seen = self._watcher.take()
         else:
             self._next_refresh = now + timedelta(seconds=interval)
-            seen = self._look(full=now >= self._next_full and not self._digested)
+            seen = self.loaded.look(full=now >= self._next_full and not self._digested)
         if seen is not None:
             self._apply(seen, now, term)
 
-    def _apply(self, seen: refresh.Seen, now: datetime, term: Term, *, first: bool = False) -> None:
-        self._paused = seen.paused
-        self._policy = replace(self._policy, overrides=seen.overrides)
-        if seen.found is None:
+    def _apply(self, seen: refresh.Seen, now: datetime, term: Term) -> None:
+        changes = self.loaded.apply(seen, now)
+        self._policy = replace(self._policy, overrides=self.loaded.overrides)
+        if changes is None:
             return
-        self._signature = seen.signature
         self._next_full = now + timedelta(seconds=_FULL_REFRESH)
-        changes = self.catalog.apply(
-            seen.found, now, lambda keys: schedule_records.last_ticks(keys, using=self.using)
-        )
         if changes.flagged:
             self._flag(changes.flagged, now, term)
-        notes = self.catalog.notes(
-            changes,
-            schedule_records.problems(using=self.using),
-            recorded=schedule_records.record_keys(using=self.using) if first else (),
-        )
+        self._note(changes, term)
+
+    def _settle(self, now: datetime, term: Term) -> None:
+        """A new term's first look at the schedules' records, after its first pass: each
+        schedule that cannot run is flagged, records of schedules fixed or gone say so."""
+        self._settle_at = None
+        broken = [s for s in self.catalog.schedules.values() if s.problem]
+        if broken:
+            self._flag(broken, now, term)
+        self._note(Changes(), term, recorded=schedule_records.record_keys(using=self.using))
+
+    def _note(self, changes: Changes, term: Term, *, recorded: Iterable[str] = ()) -> None:
+        problems = schedule_records.problems(using=self.using)
+        notes = self.catalog.notes(changes, problems, recorded=recorded)
         if notes:
             schedule_records.note_problems(
                 notes, term=term, using=self.using, ttl=self.settings.lease_ttl
             )
 
-    def _open_runs(self, now: datetime) -> None:
-        since = now - timedelta(seconds=self.settings.overlap_timeout)
-        for task_id, key, created in ledger.open_runs(since=since, using=self.using):
-            entry = self.catalog.entries.get(key)
-            if entry is not None:
-                entry.open_run, entry.open_since = task_id, created
-
     def _flag(self, schedules: list[Schedule], now: datetime, term: Term) -> None:
-        """Record why these schedules cannot run (one ERROR line each, unless the traceback
-        was already logged)."""
-        for schedule in schedules:
-            if schedule.key not in self.catalog.logged:
-                logger.error("schedule %s cannot run: %s", schedule.key, schedule.problem)
-            metrics.SCHEDULE_ERRORS.labels(metrics.schedule_label(schedule.key)).inc()
         schedule_records.flag(
-            {s.key: s.problem for s in schedules},
+            schedules,
+            logged=self.catalog.logged,
             at=now,
             term=term,
             using=self.using,

@@ -307,6 +307,26 @@ def open_runs(*, since: datetime, using: str) -> list[tuple[str, str, datetime]]
     return list(rows)
 
 
+#: (schedule, tick, status, task id, created at) of a row a leader recorded.
+Recorded = tuple[str, datetime, str, str, datetime]
+
+
+def recorded_since(since: datetime | None, *, using: str) -> list[Recorded]:
+    """The scheduled runs and skipped ticks created since ``since`` (None: every one),
+    by tick (a read: how a standby follows the leader's ledger)."""
+    rows = Run.objects.using(using).filter(kind=Run.Kind.SCHEDULED).exclude(status=Run.Status.ERROR)
+    if since is not None:
+        rows = rows.filter(created_at__gte=since)
+    fields = ("schedule", "tick", "status", "task_id", "created_at")
+    return list(rows.order_by("tick").values_list(*fields))
+
+
+def newest(*, using: str) -> datetime | None:
+    """When the newest row was created (a read; None: the ledger is empty)."""
+    rows = Run.objects.using(using).order_by("-created_at").values_list("created_at", flat=True)
+    return rows.first()
+
+
 def covered(
     key: str, start: datetime, end: datetime, *, using: str
 ) -> list[tuple[datetime, datetime]]:

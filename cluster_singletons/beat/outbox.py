@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from django.db import DatabaseError, connections
+from django.db import DatabaseError, connections, transaction
 from kombu import exceptions as kombu_errors
 from kombu.serialization import dumps
 
@@ -258,16 +258,17 @@ class Outbox:
                 # that works.
                 drop_if_unusable(using)
                 try:
-                    ledger.report(run.task_id, status, using=using)
-                    heartbeats.record(
-                        run.schedule,
-                        runner_id=term.runner_id,
-                        epoch=term.epoch,
-                        interval=0.0,
-                        error=error,
-                        duration=time.monotonic() - started,
-                        using=using,
-                    )
+                    with transaction.atomic(using=using):  # the run's end and its heartbeat
+                        ledger.report(run.task_id, status, using=using)
+                        heartbeats.record(
+                            run.schedule,
+                            runner_id=term.runner_id,
+                            epoch=term.epoch,
+                            interval=0.0,
+                            error=error,
+                            duration=time.monotonic() - started,
+                            using=using,
+                        )
                 except DatabaseError as exc:  # the run stays "started": its row says so
                     logger.warning(
                         "cron %s: the end of tick %s could not be recorded (%s)",

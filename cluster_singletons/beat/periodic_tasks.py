@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.apps import apps
 from django.db import DatabaseError, connections
@@ -29,6 +30,10 @@ from django.db.models import CharField, Count, F, Max
 from django.db.models.functions import Cast
 
 from cluster_singletons.errors import describe
+
+if TYPE_CHECKING:
+    from cluster_singletons.beat.schedule import Schedule
+    from cluster_singletons.models import Run
 
 logger = logging.getLogger("cluster_singletons.beat")
 
@@ -142,3 +147,15 @@ def record_runs(names: list[str], *, one_off: list[str], at: datetime, using: st
     tasks.update(last_run_at=at, total_run_count=F("total_run_count") + 1)
     if one_off:
         tasks.filter(name__in=one_off).update(enabled=False)
+
+
+def after_publish(
+    runs: Sequence[Run], schedules: Mapping[str, Schedule], at: datetime, using: str
+) -> None:
+    """Keep django-celery-beat's bookkeeping true for its admin once runs of its tasks
+    were published: last run, run count, and one-off tasks disabled once run."""
+    names = [r.schedule.partition(":")[2] for r in runs if r.schedule.startswith("periodic:")]
+    if not names or not apps.is_installed("django_celery_beat"):
+        return
+    one_off = [n for n in names if (s := schedules.get(f"periodic:{n}")) and s.one_off]
+    record_runs(names, one_off=one_off, at=at, using=using)

@@ -157,11 +157,30 @@ def plan(entry: Entry, now: datetime, *, paused: bool, policy: Policy) -> list[l
         )
     )
     entry.last_tick = tick
+    _after_run(entry, tick)
+    return intents
+
+
+def recorded(entry: Entry, tick: datetime, *, ran: bool) -> None:
+    """Move ``entry`` past ``tick``, which a leader recorded (``ran``: as a run, else as
+    skipped), to where ``plan`` left that leader's cursor: how a standby follows the
+    ledger. An earlier or equal tick changes nothing."""
+    if entry.last_tick is not None and tick <= entry.last_tick:
+        return
+    entry.last_tick, entry.buffered = tick, None
+    entry.next_tick = entry.due = entry.schedule.first_tick_after(tick)
+    if ran:
+        _after_run(entry, tick)
+
+
+def _after_run(entry: Entry, tick: datetime) -> None:
+    """The cursor after a run for ``tick``: counted from the run (``from_previous``), or
+    finished (one-off)."""
+    schedule = entry.schedule
     if schedule.from_previous and isinstance(schedule.timetable, Every):
         entry.next_tick = entry.due = tick + timedelta(seconds=schedule.timetable.seconds)
     if schedule.one_off:
         entry.next_tick = entry.due = None
-    return intents
 
 
 def tick_range(schedule: Schedule, first: datetime, until: datetime) -> Range:

@@ -27,6 +27,10 @@ from cluster_singletons.errors import describe
 
 logger = logging.getLogger("cluster_singletons.beat")
 
+#: A watcher that has not completed a look for this many intervals turns the beat's
+#: health red.
+_STALE = 3
+
 
 @dataclass(frozen=True)
 class Seen:
@@ -104,9 +108,11 @@ class Watcher:
             seen, self._latest = self._latest, None
         return seen
 
-    def problem(self, *, stale_after: float) -> str | None:
+    def problem(self, *, stale_after: float | None = None) -> str | None:
         """Why edits may be going unseen: no look completed for over ``stale_after``
-        seconds (None: all is well)."""
+        seconds (default: ``_STALE`` intervals; None: all is well)."""
+        if stale_after is None:
+            stale_after = _STALE * self._interval
         age = time.monotonic() - self._ok_at
         if age <= stale_after:
             return None

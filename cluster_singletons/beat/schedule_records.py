@@ -3,10 +3,11 @@
 
 Statements and their invariants:
 
-- ``operator_settings``, ``problems``, ``record_keys``, ``last_ticks``: reads.
+- ``operator_settings``, ``problems``, ``record_keys``, ``last_ticks``, ``paused_ticks``:
+  reads.
 - ``set_paused``: an operator's write (admin, commands), not a leader's.
 - ``flag``: fenced on the beat's term: the schedule's problem and an ``error`` row in the
-  run ledger, in one transaction; a deposed leader flags nothing.
+  run ledger, in one transaction; a deposed leader flags nothing (it logs the problem).
 - ``note_problems``: fenced on the beat's term: a problem cleared once its schedule runs
   again, or ``catalog.DELETED`` once no source defines it; only existing records change.
 
@@ -16,16 +17,21 @@ runs it accounts for.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import logging
+from collections.abc import Container, Iterable, Sequence
 from datetime import datetime
 
 from django.db import transaction
 from django.db.models import Q
 
+from cluster_singletons import metrics
 from cluster_singletons.beat.ledger import Intent, record
+from cluster_singletons.beat.schedule import Schedule
 from cluster_singletons.cluster import fencing
 from cluster_singletons.cluster.fencing import Term
 from cluster_singletons.models import SCHEDULE_KEY_MAX, Run, ScheduleRecord
+
+logger = logging.getLogger("cluster_singletons.beat")
 
 #: Schedules looked up by key up to this many; more (a first load): one scan.
 _BY_KEY = 1000
@@ -43,11 +49,30 @@ def last_ticks(keys: list[str], *, using: str) -> dict[str, datetime | None]:
     return dict(records.filter(key__in=keys).values_list("key", "last_tick"))
 
 
-def flag(problems: dict[str, str], *, at: datetime, term: Term, using: str, ttl: float) -> None:
-    """Record why these schedules cannot run (key: problem) on their records and as an
-    ``error`` row at ``at`` each, in one transaction fenced on ``term``."""
-    # A key too long to store is only logged (the engine did): it has no record to hold it.
-    problems = {key: text for key, text in problems.items() if len(key) <= SCHEDULE_KEY_MAX}
+def paused_ticks(*, using: str) -> dict[str, datetime | None]:
+    """The paused schedules and the last tick their records say passed (a read)."""
+    rows = ScheduleRecord.objects.using(using).filter(paused=True)
+    return dict(rows.values_list("key", "last_tick"))
+
+
+def flag(
+    schedules: Sequence[Schedule],
+    *,
+    logged: Container[str],
+    at: datetime,
+    term: Term,
+    using: str,
+    ttl: float,
+) -> None:
+    """Record why these schedules cannot run (their ``problem``) on their records and as
+    an ``error`` row at ``at`` each, in one transaction fenced on ``term``; one ERROR line
+    each, unless its traceback was ``logged`` already."""
+    for schedule in schedules:
+        if schedule.key not in logged:
+            logger.error("schedule %s cannot run: %s", schedule.key, schedule.problem)
+        metrics.SCHEDULE_ERRORS.labels(metrics.schedule_label(schedule.key)).inc()
+    # A key too long to store is only logged: it has no record to hold it.
+    problems = {s.key: s.problem for s in schedules if len(s.key) <= SCHEDULE_KEY_MAX}
     intents = [
         Intent(schedule=key, tick=at, status=Run.Status.ERROR, reason=problem)
         for key, problem in problems.items()

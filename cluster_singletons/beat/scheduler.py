@@ -3,7 +3,8 @@
 Safe to start on every node (and as ``celery worker -B --scheduler ...``; a worker's ``-S``
 is ``--statedb``): each one is a runner
 standing for the ``beat`` lease and for the singletons; the one leading ``beat`` runs the
-engine (``engine.BeatEngine``), the others stand by at the cost of one read per poll.
+engine (``engine.BeatEngine``), the others stand by with the schedules loaded
+(``standby``).
 ``runcluster`` runs the same engine through ``cluster_work``.
 """
 
@@ -16,8 +17,8 @@ from celery.beat import Scheduler
 from django.core.exceptions import ImproperlyConfigured
 
 from cluster_singletons import names
-from cluster_singletons.beat.engine import BeatEngine
-from cluster_singletons.cluster.leadership import Leadership, LeaderWork
+from cluster_singletons.beat.standby import BeatWork
+from cluster_singletons.cluster.leadership import LeaderWork
 from cluster_singletons.cluster.runner import Runner
 from cluster_singletons.conf import refuse_to_start
 from cluster_singletons.singletons import driver, registry
@@ -31,13 +32,9 @@ _RUNNER_KIND = "beat"
 
 def beat_work(app: Any) -> LeaderWork:
     """Leader work for the ``beat`` lease: a fresh engine for every term, on the
-    database's clock as the runner estimates it, so a node whose wall clock is off still
-    dispatches every tick on time."""
-
-    def lead(leadership: Leadership) -> None:
-        BeatEngine(app, clock=leadership.clock).run(leadership)
-
-    return lead
+    database's clock as the runner estimates it (a node whose wall clock is off still
+    dispatches every tick on time), and a warm standby while another runner leads."""
+    return BeatWork(app)
 
 
 def cluster_work(app: Any) -> dict[str, LeaderWork]:

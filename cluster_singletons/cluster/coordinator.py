@@ -268,9 +268,13 @@ class Coordinator:
                 "runner %s: placement failed; no handoff at this renewal", self.runner_id
             )
             return
+        if proposals:  # one line, however many: a runner joining takes hundreds at once
+            shown = ", ".join(f"{name} to {target}" for name, target in proposals[:5])
+            more = f" and {len(proposals) - 5} more" if len(proposals) > 5 else ""
+            logger.info("runner %s hands off %s%s", self.runner_id, shown, more)
         for name, target in proposals:
             slot = self._slots[name]
-            self._step_down(slot, f"handing off to runner {target} to balance the cluster")
+            self._step_down(slot, f"handing off to runner {target}", level=logging.DEBUG)
             # Stay away long enough for the target to take it.
             slot.next_acquire = now + _HANDOFF_COOLDOWN * self.settings.renew_interval
 
@@ -282,10 +286,11 @@ class Coordinator:
             on_end=self._wake.set,
         )
 
-    def _step_down(self, slot: Slot, reason: str) -> None:
+    def _step_down(self, slot: Slot, reason: str, *, level: int = logging.WARNING) -> None:
         if slot.term is None:
             return
-        logger.warning(
+        logger.log(
+            level,
             "runner %s steps down from %r (epoch %s): %s",
             self.runner_id,
             slot.name,

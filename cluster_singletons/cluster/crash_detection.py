@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -184,44 +185,65 @@ class Watch:
     at once (only the holder's exclusive lock counts as alive) and calls ``on_gone``.
     Failures are logged and retried after ``wait``; they only cost speed, never safety:
     the takeover itself is still ``leases.acquire``'s conditional statement.
+
+    A holder seen gone is watched again only after ``rewatch_after`` seconds: a dead one's
+    leases are taken by then; one that only lost its session (it steps down, proves a new
+    one and leads again under the same id) is followed again.
     """
 
     def __init__(
-        self, *, params: dict[str, Any], on_gone: Callable[[], None], wait: float = 1.0
+        self,
+        *,
+        params: dict[str, Any],
+        on_gone: Callable[[], None],
+        wait: float = 1.0,
+        rewatch_after: float = 10.0,
     ) -> None:
         self._params = params
         self._on_gone = on_gone
         self._wait = wait
+        self._rewatch_after = rewatch_after
         self._following: dict[int, threading.Event] = {}
-        #: Holders seen gone: runner ids are never reused, so they are not watched again.
-        self._gone: set[int] = set()
+        #: Holders seen gone, and when (monotonic).
+        self._gone: dict[int, float] = {}
+        self._lock = threading.Lock()  # the two above: watch threads change them too
 
     @property
     def following(self) -> set[int]:
         """The holders being watched now."""
-        return set(self._following) - self._gone
+        with self._lock:
+            return set(self._following)
 
     def follow(self, holders: set[int]) -> None:
-        """Also watch ``holders`` (but those already seen gone). A holder is watched until
-        its lock is freed: one session per live runner holding a lease this runner stands
-        for, whatever it holds meanwhile."""
-        for holder in holders - self._gone - set(self._following):
-            done = self._following[holder] = threading.Event()
+        """Also watch ``holders`` (but those seen gone in the last ``rewatch_after``
+        seconds). A holder is watched until its lock is freed: one session per live runner
+        holding a lease this runner stands for, whatever it holds meanwhile."""
+        now = time.monotonic()
+        with self._lock:
+            self._gone = {h: at for h, at in self._gone.items() if now - at < self._rewatch_after}
+            new = holders - set(self._gone) - set(self._following)
+            started = {holder: threading.Event() for holder in new}
+            self._following.update(started)
+        for holder, done in started.items():
             threading.Thread(
                 target=self._watch, args=(holder, done), name=f"cluster-watch-{holder}", daemon=True
             ).start()
 
     def close(self) -> None:
-        for done in self._following.values():
+        with self._lock:
+            following, self._following = self._following, {}
+        for done in following.values():
             done.set()
-        self._following = {}
 
     def _watch(self, holder: int, done: threading.Event) -> None:
         while not done.is_set():
             try:
                 if self._wait_for(holder, done):
                     logger.info("runner %s's liveness lock was freed", holder)
-                    self._gone.add(holder)
+                    with self._lock:
+                        self._gone[holder] = time.monotonic()
+                        if self._following.get(holder) is done:
+                            del self._following[holder]
                     self._on_gone()
                     return
             except Exception as exc:  # never silent; retried, costs only speed

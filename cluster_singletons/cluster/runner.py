@@ -14,6 +14,8 @@ scheduler and the worker bootstep; they only start and stop it.
   over immediately, and deregisters.
 - Each loop pass (and each wait for the database at start) touches the probe file
   (``probe``), when ``probe_file`` is set; a clean exit removes it.
+- Work that has a standby (``work.stand_by(stop, clock)``, the beat's) runs it in a
+  thread of its own from registration until the loop ends.
 """
 
 from __future__ import annotations
@@ -72,9 +74,11 @@ class Runner(Coordinator):
     def run(self) -> None:
         """Register (retrying), coordinate until stopped, then hand off and deregister."""
         self._probe = ProbeFile.of(self.settings, self.kind)
+        standing_by = threading.Event()
         try:
             if not self.register():
                 return
+            self._stand_by(standing_by)
             while not self._stopping.is_set():
                 now = self.clock.monotonic()
                 next_at = self.step(now)
@@ -89,6 +93,7 @@ class Runner(Coordinator):
             logger.exception("coordinator loop crashed; leadership is being abandoned")
             self._abandon()
         finally:
+            standing_by.set()
             self._ready.set()
             self._probe.remove()
             connections.close_all()
@@ -101,6 +106,19 @@ class Runner(Coordinator):
             now=self.clock.monotonic(),
             stopping=self._stopping.is_set(),
         )
+
+    def _stand_by(self, stop: threading.Event) -> None:
+        """Start the standby of each lease whose work has one (``work.stand_by``: the
+        beat's warm standby), in a thread of its own, until ``stop``."""
+        for slot in self._slots.values():
+            stand_by = getattr(slot.work, "stand_by", None)
+            if stand_by is not None:
+                threading.Thread(
+                    target=stand_by,
+                    args=(stop, self.database_clock),
+                    name=f"standby:{slot.name}",
+                    daemon=True,
+                ).start()
 
     def register(self) -> bool:
         """Register, retrying with capped backoff up to ``startup_timeout``; False if it gave up."""

@@ -332,7 +332,7 @@ def test_a_watcher_that_cannot_look_turns_the_beats_health_failed(app: Celery) -
         def take(self) -> None:
             return None
 
-        def problem(self, *, stale_after: float) -> str:
+        def problem(self, *, stale_after: float = 15.0) -> str:
             return f"the schedule watcher has not completed a look for {stale_after:g}s"
 
     leader = Leader(app)

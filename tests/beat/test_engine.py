@@ -67,7 +67,9 @@ def _drain(app: Celery) -> list[dict[str, Any]]:
 class Leader:
     """A real term of the ``beat`` lease and an engine driven by a frozen clock."""
 
-    def __init__(self, app: Celery, *, wall: datetime = T0, settings: Any = None) -> None:
+    def __init__(
+        self, app: Celery, *, wall: datetime = T0, settings: Any = None, loaded: Any = None
+    ) -> None:
         leases.ensure(["beat"], using="default")
         self.runner_id = membership.register(host="t", pid=1, kind="beat", using="default")
         term = leases.acquire("beat", self.runner_id, ttl=30, using="default")
@@ -80,8 +82,8 @@ class Leader:
         self.clock = FrozenClock(wall=wall)
         # No worker reports runs finished here: dispatch regardless unless a test says so.
         settings = settings or get_settings().model_copy(update={"overlap": "allow_all"})
-        self.engine = BeatEngine(app, clock=self.clock, settings=settings)
-        self.engine.start(self.leadership)
+        self.engine = BeatEngine(app, clock=self.clock, settings=settings, loaded=loaded)
+        self.warm = self.engine.start(self.leadership)
 
     def at(self, seconds: float) -> datetime:
         """Advance to ``T0 + seconds`` and run a pass."""

@@ -132,7 +132,7 @@ def _check(leader: Leader, published: dict[str, str], app: Celery) -> None:
         assert catalog.live_items(key) <= 1, f"{key} has several heap items"
         if entry.schedule.problem:
             assert entry.due is None and catalog.live_items(key) == 0, key
-        elif entry.due is not None and key not in leader.engine._paused:
+        elif entry.due is not None and key not in leader.engine.loaded.paused:
             assert entry.due > now - timedelta(seconds=1) or catalog.live_items(key), key
     for message in _drain(app):
         task_id, tick = message["id"], message["cluster_context"]["tick"]
@@ -194,9 +194,9 @@ def test_the_engine_never_raises_and_keeps_its_invariants(
         before = set(scheduled.values_list("task_id", flat=True))
         leader.at(second)
         _check(leader, published, app)
-        for key in leader.engine._paused:
+        for key in leader.engine.loaded.paused:
             paused_at.setdefault(key, leader.clock.now())
-        for key in set(paused_at) - leader.engine._paused:
+        for key in set(paused_at) - leader.engine.loaded.paused:
             del paused_at[key]
         new = scheduled.exclude(task_id__in=before).exclude(task_id="")
         for run in new.exclude(status=Run.Status.SKIPPED):

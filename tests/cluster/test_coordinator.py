@@ -291,6 +291,21 @@ def test_placement_settles_within_two_renewals_of_a_runner_joining_then_nothing_
     assert cluster.epochs() == epochs, "a lease changed hands once every runner was at its share"
 
 
+def test_a_runner_handing_off_many_leases_says_so_in_one_line(
+    clock: FrozenClock, made: list[Runner], caplog: pytest.LogCaptureFixture
+) -> None:
+    cluster = _Cluster([f"{LEASE_PREFIX}p{i}" for i in range(40)], clock, made)
+    cluster.join()
+    cluster.run(4 * SETTINGS.renew_interval)
+    caplog.clear()
+    cluster.join()
+    cluster.run(2 * SETTINGS.renew_interval)
+    assert max(cluster.held()) <= placement.fair_share(40, 2), "handed off"
+    handoffs = [r for r in caplog.records if "hands off" in r.getMessage()]
+    assert len(handoffs) == 1 and "and 15 more" in handoffs[0].getMessage()
+    assert not [r for r in caplog.records if "steps down" in r.getMessage() and r.levelno > 10]
+
+
 def test_a_placement_failure_is_logged_and_the_runner_keeps_leading(
     clock: FrozenClock,
     made: list[Runner],

@@ -129,7 +129,7 @@ def test_a_watch_learns_of_a_dead_holder_when_the_server_does() -> None:
     holder = Liveness(params=_params(), runner_id=RUNNER, on_release=lambda: None)
     holder.start()
     gone = threading.Event()
-    watch = Watch(params=_params(), on_gone=gone.set, wait=0.2)
+    watch = Watch(params=_params(), on_gone=gone.set, wait=0.2, rewatch_after=0.5)
     try:
         watch.follow({RUNNER})
         poll("the watch to wait on the holder's lock", lambda: _waiting_for(RUNNER), timeout=5)
@@ -144,7 +144,23 @@ def test_a_watch_learns_of_a_dead_holder_when_the_server_does() -> None:
         assert time.monotonic() - ended < 0.5
         poll("the watch to let go", lambda: not _lock_holders(RUNNER), timeout=5)
         watch.follow({RUNNER})
-        assert watch.following == set(), "a holder seen gone is not watched again"
+        assert watch.following == set(), "a holder just seen gone is not watched again"
+        # It only lost its session: it proves a new one and holds its lock again; once
+        # rewatch_after has passed, it is watched again, and its death heard again.
+        holder.close()
+        holder = Liveness(params=_params(), runner_id=RUNNER, on_release=lambda: None)
+        holder.start()
+        gone.clear()
+        poll(
+            "the holder to be watched again",
+            lambda: watch.follow({RUNNER}) or (watch.following == {RUNNER}),
+            timeout=5,
+        )
+        poll("the watch to wait on the holder's lock", lambda: _waiting_for(RUNNER), timeout=5)
+        assert holder._conn is not None
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_terminate_backend(%s)", [holder._conn.info.backend_pid])
+        poll("the watch to hear of it again", gone.is_set, timeout=5, every=0.001)
     finally:
         watch.close()
         holder.close()
