@@ -27,7 +27,7 @@ from cluster_singletons import control, names
 from cluster_singletons.beat import crons
 from cluster_singletons.beat.schedule import Schedule
 from cluster_singletons.beat.timetables import preview
-from cluster_singletons.cluster import leases, membership
+from cluster_singletons.cluster import leases
 from cluster_singletons.conf import get_settings
 from cluster_singletons.errors import ClusterSingletonsError, DeliveryNotCancellable
 from cluster_singletons.health.report import cluster_health
@@ -294,7 +294,7 @@ class DashboardAdmin(ReadOnly):
             "title": "Cluster health",
             "report": report,
             "rows": rows,
-            "runners": [(r, sorted(by_holder.get(r.id, []))) for r in membership.rows(using=db)],
+            "runners": [(r, sorted(by_holder.get(r.id, []))) for r in report.runner_list],
             "changes": leases.recent_changes(using=db),
             "can_hand_off": request.user.has_perm("cluster_singletons.change_lease"),
             "now": now,

@@ -4,9 +4,11 @@ from django.apps import AppConfig
 from django.core.signals import setting_changed
 from django.utils.module_loading import autodiscover_modules
 
+from cluster_singletons._installed import NAME
+
 
 class ClusterSingletonsConfig(AppConfig):
-    name = "cluster_singletons"
+    name = NAME
     verbose_name = "Cluster singletons"
     default_auto_field = "django.db.models.BigAutoField"
 

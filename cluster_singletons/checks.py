@@ -10,7 +10,7 @@ from django.db import DatabaseError, connections
 from pydantic import ValidationError
 
 from cluster_singletons.cluster import crash_detection
-from cluster_singletons.conf import SETTING_NAME, parse, raw_setting
+from cluster_singletons.conf import SETTING_NAME, explain, parse, raw_setting
 from cluster_singletons.errors import describe
 
 _DOCS_HINT = "See the Settings section of the cluster_singletons README."
@@ -25,12 +25,8 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
         return [checks.Error(str(exc), hint=_DOCS_HINT, id="cluster_singletons.E001")]
     except ValidationError as exc:
         return [
-            checks.Error(
-                f"{SETTING_NAME}[{_path(err['loc'])!r}]: {err['msg']} (got {err.get('input')!r})",
-                hint=_hint_for(err["loc"]),
-                id="cluster_singletons.E002",
-            )
-            for err in exc.errors()
+            checks.Error(line, hint=_hint_for(key), id="cluster_singletons.E002")
+            for key, line in explain(exc)
         ]
     errors: list[checks.CheckMessage] = []
     if conf.renew_interval > conf.lease_ttl / 3:
@@ -126,16 +122,11 @@ def sqlite_warnings(alias: str, db: dict[str, Any]) -> list[checks.CheckMessage]
     return found
 
 
-def _path(loc: tuple[int | str, ...]) -> str:
-    return ".".join(str(part) for part in loc) or "<root>"
-
-
-def _hint_for(loc: tuple[int | str, ...]) -> str:
+def _hint_for(key: str) -> str:
     from cluster_singletons.conf import ClusterSettings
 
-    name = str(loc[0]) if loc else ""
-    field = ClusterSettings.model_fields.get(name)
+    field = ClusterSettings.model_fields.get(key)
     if field is None:
         known = ", ".join(sorted(ClusterSettings.model_fields))
         return f"Unknown key; the known keys are: {known}."
-    return f"{name}: {field.description} Default: {field.default!r}."
+    return f"{key}: {field.description} Default: {field.default!r}."

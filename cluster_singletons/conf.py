@@ -6,7 +6,9 @@ Read lazily (never at import time), cached, and re-read when Django's
 
 from __future__ import annotations
 
+import difflib
 import functools
+import logging
 from typing import Any, Literal
 
 from django.conf import settings as django_settings
@@ -159,6 +161,28 @@ class ClusterSettings(BaseModel):
             "loads the schedules when it takes over (seconds at 100k schedules)."
         ),
     )
+    probe_file: str = Field(
+        "",
+        description=(
+            "A file each runner writes from its loop (JSON: its runner id, pid, loop time, "
+            "last renewal), for per-process liveness and readiness probes: `manage.py "
+            "cluster_probe live|ready` or, without Django, `python -m "
+            "cluster_singletons.cluster.probe live|ready FILE`. '{kind}' in the path is the "
+            "runner's kind (beat, runcluster, worker). Empty: no file."
+        ),
+    )
+    metrics_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description=(
+            "Serve this process's Prometheus metrics at http://metrics_address:PORT/metrics "
+            "from every runner process (beat, runcluster, --cluster worker); None: not served."
+        ),
+    )
+    metrics_address: str = Field(
+        "127.0.0.1", min_length=1, description="The address metrics_port listens on."
+    )
     beat_refresh_interval: float = Field(
         5.0,
         gt=0,
@@ -175,6 +199,23 @@ def parse(raw: object) -> ClusterSettings:
     return ClusterSettings.model_validate(raw)
 
 
+def explain(exc: ValidationError) -> list[tuple[str, str]]:
+    """Each error of ``exc`` as (key, one line saying what is wrong). Never with the value
+    given: it may be a secret (a mistyped ``health_token`` key is a token). An unknown key
+    names the nearest known one."""
+    found = []
+    for err in exc.errors():
+        key = ".".join(str(part) for part in err["loc"]) or "<root>"
+        where = f"{SETTING_NAME}[{key!r}]"
+        if err["type"] == "extra_forbidden":
+            near = difflib.get_close_matches(key, ClusterSettings.model_fields, n=1)
+            guess = f" (did you mean {near[0]!r}?)" if near else ""
+            found.append((key, f"{where} is not a setting{guess}"))
+        else:
+            found.append((key, f"{where}: {err['msg']}"))
+    return found
+
+
 def raw_setting() -> Any:
     return getattr(django_settings, SETTING_NAME, None)
 
@@ -184,10 +225,21 @@ def get_settings() -> ClusterSettings:
     """The validated settings; ``ImproperlyConfigured`` names the bad key."""
     try:
         return parse(raw_setting())
-    except (TypeError, ValidationError) as exc:
+    except TypeError as exc:
+        raise ImproperlyConfigured(str(exc)) from None
+    except ValidationError as exc:
+        lines = "; ".join(line for _, line in explain(exc))
         raise ImproperlyConfigured(
-            f"{SETTING_NAME} is invalid: {exc} (run `python manage.py check` for hints)"
-        ) from exc
+            f"{SETTING_NAME} is invalid: {lines} (`python manage.py check` gives hints)"
+        ) from None
+
+
+def refuse_to_start(exc: ImproperlyConfigured, log: logging.Logger) -> SystemExit:
+    """For a host Celery starts (the beat, a worker), whose errors Celery would log with a
+    traceback: log the misconfiguration as one line and return the exit (status 1) to
+    raise instead."""
+    log.error("cannot start: %s", exc)
+    return SystemExit(1)
 
 
 def reset_cache(*, setting: str, **_: object) -> None:

@@ -37,6 +37,19 @@ class DatabaseUnavailable(ClusterSingletonsError):
         )
 
 
+class MigrationsNotApplied(ClusterSingletonsError):
+    """The database answers, but this app's tables are not (all) there yet."""
+
+    def __init__(self, pending: list[str], using: str) -> None:
+        self.pending = pending
+        database = "" if using == "default" else f" --database {using}"
+        super().__init__(
+            f"the cluster_singletons tables are not migrated on database {using!r} "
+            f"({len(pending)} migration(s) not applied, from {pending[0]}): "
+            f"run `python manage.py migrate{database}`"
+        )
+
+
 def describe(exc: BaseException) -> str:
     """One line naming an exception, for logs that must not carry a traceback."""
     text = str(exc).strip().splitlines()

@@ -10,11 +10,20 @@ Two kinds:
 - **Cluster metrics**, read from the database when scraped (``health.collector``): runners,
   healthy runners, singletons led, pending intents and deliveries, heartbeat ages. They are
   the same whichever process serves the scrape, so they are never multiplied by processes.
+
+``serve`` (the ``metrics_port`` setting) serves the process metrics from a runner process
+itself (the beat, ``runcluster``, a ``--cluster`` worker) with prometheus-client's own
+server; the cluster metrics come from the web's ``/metrics`` view.
 """
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+import logging
+import os
+import threading
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, multiprocess
+from prometheus_client import start_http_server as _start_http_server
 
 EXECUTION_SECONDS = Histogram(
     "cluster_singleton_execution_duration_seconds",
@@ -98,3 +107,37 @@ def schedule_label(key: str) -> str:
         _labelled.add(key)
         return key
     return "_other"
+
+
+def process_registry() -> CollectorRegistry:
+    """The process metrics to expose: under ``PROMETHEUS_MULTIPROC_DIR``, every process of
+    the host aggregated; else this process's."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return REGISTRY
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    return registry
+
+
+_served: dict[tuple[str, int], object] = {}
+_serving = threading.Lock()
+logger = logging.getLogger("cluster_singletons.metrics")
+
+
+def serve(port: int | None, address: str) -> None:
+    """Serve ``process_registry()`` at ``http://address:port/metrics`` in a daemon thread,
+    once per process (``None``: not at all). A port that cannot be bound is logged, never
+    raised: the runner runs without it."""
+    if port is None:
+        return
+    with _serving:
+        if (address, port) in _served:
+            return
+        try:
+            _served[(address, port)] = _start_http_server(
+                port, addr=address, registry=process_registry()
+            )
+        except OSError as exc:
+            logger.error("cannot serve metrics on %s:%s: %s", address, port, exc)
+            return
+    logger.info("serving this process's metrics on http://%s:%s/metrics", address, port)

@@ -12,7 +12,10 @@ from django.core.exceptions import ValidationError
 from django.db import models
 from django.db.models.functions import Now
 
+from cluster_singletons._installed import require_installed
 from cluster_singletons.names import OVERLAP_CHOICES
+
+require_installed()  # one clear line, not Django's RuntimeError from the first model below
 
 #: The longest schedule key stored (``periodic:`` + a django-celery-beat name of 200 fits).
 SCHEDULE_KEY_MAX = 255

@@ -13,24 +13,18 @@ from __future__ import annotations
 
 import hmac
 import logging
-import os
 
 from django.db import DatabaseError
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    REGISTRY,
-    CollectorRegistry,
-    generate_latest,
-    multiprocess,
-)
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from cluster_singletons.conf import get_settings
 from cluster_singletons.errors import describe
 from cluster_singletons.health.collector import ClusterCollector
 from cluster_singletons.health.report import cluster_health
+from cluster_singletons.metrics import process_registry
 
 logger = logging.getLogger("cluster_singletons.views")
 
@@ -74,10 +68,5 @@ def ready(request: HttpRequest) -> JsonResponse:
 def metrics(request: HttpRequest) -> HttpResponse:
     if get_settings().health_token and not may_see_detail(request):
         return HttpResponse("a bearer token is required\n", status=401, content_type="text/plain")
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-        body = generate_latest(registry)
-    else:
-        body = generate_latest(REGISTRY)
+    body = generate_latest(process_registry())
     return HttpResponse(body + generate_latest(_CLUSTER), content_type=CONTENT_TYPE_LATEST)

@@ -2,8 +2,10 @@
 
 ``install(app)`` adds a ``--cluster`` worker option. A worker started with it runs a
 runner in its main process, standing for every singleton (not the beat lease), spread
-with the other runners; warm shutdown hands its singletons off. Without the option the
-step does nothing::
+with the other runners; warm shutdown hands its singletons off. A runner that gives up
+(its database unreachable for ``startup_timeout``, migrations not applied) or crashes
+stops the worker with exit status 1, as ``runcluster`` and the beat exit. Without the
+option the step does nothing::
 
     # celery.py
     from cluster_singletons.worker import install
@@ -14,10 +16,18 @@ step does nothing::
 
 from __future__ import annotations
 
+import logging
+import threading
 from typing import Any
 
 from celery import Celery, bootsteps
 from click import Option
+from django.core.exceptions import ImproperlyConfigured
+
+logger = logging.getLogger("cluster_singletons.worker")
+
+#: The worker's exit status when its runner stopped on an error (Celery's EX_FAILURE).
+_EX_FAILURE = 1
 
 
 class ClusterRunner(bootsteps.StartStopStep):
@@ -32,11 +42,25 @@ class ClusterRunner(bootsteps.StartStopStep):
         self.runner: Any = None
 
     def start(self, parent: Any) -> None:
-        from cluster_singletons.cluster.runner import Runner
-        from cluster_singletons.singletons import driver, registry
+        from cluster_singletons._installed import require_installed
+        from cluster_singletons.conf import refuse_to_start
 
-        self.runner = Runner(driver.work(), kind="worker", placement_prefix=registry.LEASE_PREFIX)
+        try:  # Celery would log these with a traceback
+            require_installed()
+            from cluster_singletons.cluster.runner import Runner
+            from cluster_singletons.singletons import driver, registry
+
+            self.runner = Runner(
+                driver.work(), kind="worker", placement_prefix=registry.LEASE_PREFIX
+            )
+        except ImproperlyConfigured as exc:
+            raise refuse_to_start(exc, logger) from None
         self.runner.start()
+        watch = threading.Thread(
+            target=_stop_worker_on_error, args=(self.runner,), name="cluster-runner-watch"
+        )
+        watch.daemon = True
+        watch.start()
 
     def stop(self, parent: Any) -> None:
         if self.runner is not None:
@@ -45,6 +69,17 @@ class ClusterRunner(bootsteps.StartStopStep):
             self.runner = None
 
     shutdown = stop
+
+
+def _stop_worker_on_error(runner: Any) -> None:
+    """Wait for the runner's loop to end; if it ended on an error (the runner logged why),
+    ask the worker for a warm shutdown with exit status 1, as its signal handlers do."""
+    runner.join()
+    if runner.error is not None:
+        from celery.worker import state
+
+        logger.error("cluster runner stopped; stopping the worker (exit status 1)")
+        state.should_stop = _EX_FAILURE  # type: ignore[assignment]
 
 
 def install(app: Celery) -> None:

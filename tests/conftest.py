@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from django.db import connection
@@ -11,6 +12,7 @@ from pydantic import BaseModel
 from cluster_singletons.singletons import registry
 from cluster_singletons.singletons.state import StateStore
 from project.demo import pgbouncer as pooler
+from project.demo.localcluster import Cluster
 from project.demo.pgbouncer import PgBouncer
 
 # Property tests: a few examples in ``make test``, many in CI (HYPOTHESIS_PROFILE=ci).
@@ -78,3 +80,18 @@ def pgbouncer() -> Iterator[PgBouncer]:
     bouncer.start()
     yield bouncer
     bouncer.close()
+
+
+@pytest.fixture
+def cluster_factory(tmp_path: Path) -> Iterator[type[Cluster]]:
+    """``Cluster`` in this test's temporary folder; every process it started is stopped."""
+    started: list[Cluster] = []
+
+    class Tracked(Cluster):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(tmp_path, *args, **kwargs)  # type: ignore[arg-type]
+            started.append(self)
+
+    yield Tracked
+    for cluster in started:
+        cluster.stop()

@@ -38,19 +38,37 @@ def test_not_a_dict_is_e001() -> None:
     assert _ids(["lease_ttl", 3]) == ["cluster_singletons.E001"]
 
 
-def test_bad_value_is_e002_naming_the_key_with_a_hint() -> None:
-    with override_settings(CLUSTER_SINGLETONS={"lease_ttl": -1}):
+def test_bad_value_is_e002_naming_the_key_with_a_hint_but_not_the_value() -> None:
+    with override_settings(CLUSTER_SINGLETONS={"lease_ttl": -1.25}):
         [error] = check_settings()
     assert error.id == "cluster_singletons.E002"
-    assert "'lease_ttl'" in error.msg and "-1" in error.msg
+    assert "'lease_ttl'" in error.msg and "greater than 0" in error.msg
+    assert "-1.25" not in error.msg, "values are never echoed (one may be a secret)"
     assert error.hint and "lease_ttl" in error.hint
 
 
-def test_unknown_key_is_e002_listing_the_known_keys() -> None:
+def test_unknown_key_is_e002_suggesting_the_nearest_key() -> None:
     with override_settings(CLUSTER_SINGLETONS={"lease_tll": 5}):
         [error] = check_settings()
-    assert error.id == "cluster_singletons.E002" and "lease_tll" in error.msg
+    assert error.id == "cluster_singletons.E002"
+    said = "CLUSTER_SINGLETONS['lease_tll'] is not a setting (did you mean 'lease_ttl'?)"
+    assert error.msg == said
     assert error.hint and "lease_ttl" in error.hint
+
+
+def test_a_mistyped_secret_key_is_named_never_its_value() -> None:
+    bad = {"helth_token": "s3cret-value", "lease_ttl": "s3cret-too", "zzzz": 1}
+    with override_settings(CLUSTER_SINGLETONS=bad):
+        messages = check_settings()
+        with pytest.raises(ImproperlyConfigured) as raised:
+            get_settings()
+    text = str(raised.value)
+    assert "\n" not in text, "one line"
+    assert "['helth_token'] is not a setting (did you mean 'health_token'?)" in text
+    assert "['zzzz'] is not a setting" in text and "['zzzz'] is not a setting (did" not in text
+    assert "['lease_ttl']: Input should be a valid number" in text
+    for shown in [text, *(f"{m.msg} {m.hint}" for m in messages)]:
+        assert "s3cret" not in shown
 
 
 def test_renew_interval_above_a_third_of_ttl_is_e003_with_the_bound_in_the_hint() -> None:

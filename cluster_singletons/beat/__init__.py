@@ -23,7 +23,24 @@ __all__ = ["LeaderScheduler"]
 def __getattr__(name: str) -> Any:
     # Loaded on first use, so importing a beat module does not import Celery's beat.
     if name == "LeaderScheduler":
+        _require_installed()
         from cluster_singletons.beat.scheduler import LeaderScheduler
 
         return LeaderScheduler
     raise AttributeError(f"module 'cluster_singletons.beat' has no attribute {name!r}")
+
+
+def _require_installed() -> None:
+    """Celery's beat asks for the scheduler class: without the app installed, one line and
+    exit status 1 (Celery would print the import's traceback)."""
+    import logging
+
+    from django.core.exceptions import ImproperlyConfigured
+
+    from cluster_singletons._installed import require_installed
+    from cluster_singletons.conf import refuse_to_start
+
+    try:
+        require_installed()
+    except ImproperlyConfigured as exc:
+        raise refuse_to_start(exc, logging.getLogger("cluster_singletons.beat")) from None

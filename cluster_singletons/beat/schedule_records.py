@@ -18,7 +18,7 @@ runs it accounts for.
 from __future__ import annotations
 
 import logging
-from collections.abc import Container, Sequence
+from collections.abc import Container, Iterable, Sequence
 from datetime import datetime
 
 from django.db import transaction
@@ -94,9 +94,10 @@ def set_paused(key: str, note: str | None, *, using: str) -> None:
     )
 
 
-def problems(*, using: str) -> dict[str, str]:
-    """The schedules whose record states a problem, and the problem (a read)."""
-    rows = ScheduleRecord.objects.using(using).exclude(problem="")
+def problems(*, using: str, excluding: Iterable[str] = ()) -> dict[str, str]:
+    """The schedules whose record states a problem (other than those ``excluding``), and
+    the problem (a read)."""
+    rows = ScheduleRecord.objects.using(using).exclude(problem__in=["", *excluding])
     return dict(rows.values_list("key", "problem"))
 
 

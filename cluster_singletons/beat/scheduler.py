@@ -14,11 +14,13 @@ import logging
 from typing import Any
 
 from celery.beat import Scheduler
+from django.core.exceptions import ImproperlyConfigured
 
 from cluster_singletons import names
 from cluster_singletons.beat.standby import BeatWork
 from cluster_singletons.cluster.leadership import LeaderWork
 from cluster_singletons.cluster.runner import Runner
+from cluster_singletons.conf import refuse_to_start
 from cluster_singletons.singletons import driver, registry
 
 logger = logging.getLogger("cluster_singletons.beat")
@@ -60,7 +62,10 @@ class LeaderScheduler(Scheduler):
 
     def setup_schedule(self) -> None:
         if self.runner is None:
-            self.runner = start_runner(self.app, _RUNNER_KIND)
+            try:
+                self.runner = start_runner(self.app, _RUNNER_KIND)
+            except ImproperlyConfigured as exc:
+                raise refuse_to_start(exc, logger) from None
 
     def tick(self, *args: Any, **kwargs: Any) -> float:
         runner = self.runner
@@ -77,6 +82,8 @@ class LeaderScheduler(Scheduler):
         if runner is not None:
             runner.stop()
             runner.join(runner.settings.shutdown_timeout + 5)
+            if runner.error is not None:  # Celery's beat exits 0 on the SystemExit of a tick
+                raise SystemExit(1)
 
     @property
     def info(self) -> str:

@@ -13,7 +13,7 @@ Invariants:
   ``mark_stopping``, ``set_crash_detection``, ``deregister``) or registrations long dead
   (``forget_stale``), and none decides who leads: leases do.
 
-``live_view``, ``counts``, ``clock_offsets`` and ``rows`` are reads.
+``live_view`` and ``rows`` are reads.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import datetime as dt
 from datetime import datetime
 
 from django.db import connections
-from django.db.models import BooleanField, Count, Q, QuerySet
+from django.db.models import BooleanField, Count, Q
 from django.db.models.expressions import RawSQL
 from django.db.models.functions import Now
 
@@ -130,24 +130,13 @@ def live_view(
     return dict(counted.values_list("id", "held"))
 
 
-def _seen(seen_within: float, now: datetime, using: str) -> QuerySet[Runner]:
-    return Runner.objects.using(using).filter(last_seen__gt=now - dt.timedelta(seconds=seen_within))
-
-
-def counts(*, seen_within: float, now: datetime, using: str) -> tuple[int, int]:
-    """Registrations seen within ``seen_within`` seconds of ``now``, and of those the ones
-    not stopping (a read)."""
-    live = _seen(seen_within, now, using)
-    return live.count(), live.filter(stopping=False).count()
-
-
-def clock_offsets(*, seen_within: float, now: datetime, using: str) -> dict[int, float]:
-    """Each registration seen within ``seen_within`` seconds of ``now`` that estimated its
-    clock's offset: id -> the database's clock minus its wall clock (a read)."""
-    rows = _seen(seen_within, now, using).order_by("id").values_list("id", "clock_offset")
-    return {runner: offset for runner, offset in rows if offset is not None}
-
-
 def rows(*, using: str) -> list[Runner]:
-    """Every registration, oldest first (a read, for reports)."""
-    return list(Runner.objects.using(using).order_by("id"))
+    """Every registration, oldest first (a read, for reports). Each has ``session_gone``:
+    on PostgreSQL, whether its liveness lock is no longer held (its process or connection
+    died: ``runner_is_gone``); elsewhere always False."""
+    found = Runner.objects.using(using).order_by("id")
+    if connections[using].vendor == "postgresql":
+        gone = runner_is_gone(f'"{Runner._meta.db_table}"')
+    else:
+        gone = RawSQL("%s", (False,), output_field=BooleanField())
+    return list(found.annotate(session_gone=gone))

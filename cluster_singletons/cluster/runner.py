@@ -12,6 +12,8 @@ scheduler and the worker bootstep; they only start and stop it.
   is abandoned.
 - Stopping ends the leader work, releases every lease in one statement, so standbys take
   over immediately, and deregisters.
+- Each loop pass (and each wait for the database at start) touches the probe file
+  (``probe``), when ``probe_file`` is set; a clean exit removes it.
 - Work that has a standby (``work.stand_by(stop, clock)``, the beat's) runs it in a
   thread of its own from registration until the loop ends.
 """
@@ -25,9 +27,11 @@ import threading
 
 from django.db import connections
 
+from cluster_singletons import metrics
 from cluster_singletons._connection import DATABASE_ERRORS, drop_if_unusable
-from cluster_singletons.cluster import leases, membership
+from cluster_singletons.cluster import leases, membership, schema
 from cluster_singletons.cluster.coordinator import Coordinator
+from cluster_singletons.cluster.probe import ProbeFile
 from cluster_singletons.errors import DatabaseUnavailable, describe
 
 logger = logging.getLogger("cluster_singletons.runner")
@@ -36,10 +40,16 @@ logger = logging.getLogger("cluster_singletons.runner")
 class Runner(Coordinator):
     """Membership and leadership for one process; see the module docstring."""
 
+    #: What this runner says of itself to per-process probes (``probe_file``); ``run``
+    #: opens it.
+    _probe = ProbeFile(None)
+
     # -- hosting -----------------------------------------------------------------------
 
     def start(self) -> None:
-        """Run the coordinator loop in a background thread."""
+        """Run the coordinator loop in a background thread (and serve this process's
+        metrics, with ``metrics_port``)."""
+        metrics.serve(self.settings.metrics_port, self.settings.metrics_address)
         self._thread = threading.Thread(target=self.run, name="cluster-coordinator", daemon=True)
         self._thread.start()
 
@@ -63,6 +73,7 @@ class Runner(Coordinator):
 
     def run(self) -> None:
         """Register (retrying), coordinate until stopped, then hand off and deregister."""
+        self._probe = ProbeFile.of(self.settings, self.kind)
         standing_by = threading.Event()
         try:
             if not self.register():
@@ -71,9 +82,11 @@ class Runner(Coordinator):
             while not self._stopping.is_set():
                 now = self.clock.monotonic()
                 next_at = self.step(now)
+                self._touch_probe()
                 self._wake.clear()
                 if not self._stopping.is_set():
                     self.clock.wait(self._wake, next_at - self.clock.monotonic())
+            self._touch_probe()  # says it is stopping: no longer ready
             self._shutdown()
         except BaseException as exc:  # the loop must never die silently
             self.error = exc
@@ -82,7 +95,17 @@ class Runner(Coordinator):
         finally:
             standing_by.set()
             self._ready.set()
+            self._probe.remove()
             connections.close_all()
+
+    def _touch_probe(self) -> None:
+        estimate = self.database_clock.estimate  # as of the last renewal
+        self._probe.touch(
+            runner_id=self.runner_id,
+            renewed=None if estimate is None else estimate.at,
+            now=self.clock.monotonic(),
+            stopping=self._stopping.is_set(),
+        )
 
     def _stand_by(self, stop: threading.Event) -> None:
         """Start the standby of each lease whose work has one (``work.stand_by``: the
@@ -112,6 +135,10 @@ class Runner(Coordinator):
             except DATABASE_ERRORS as exc:
                 self.runner_id = None
                 waited = self.clock.monotonic() - start
+                if (missing := schema.not_migrated(self.using)) is not None:
+                    self.error = missing  # no wait fixes this
+                    logger.error("giving up: %s", self.error)
+                    return False
                 if waited + backoff.delay > self.settings.startup_timeout:
                     self.error = DatabaseUnavailable(waited, exc)
                     logger.error("giving up: %s", self.error)
@@ -124,6 +151,7 @@ class Runner(Coordinator):
                     self.settings.startup_timeout,
                 )
                 drop_if_unusable(self.using)
+                self._touch_probe()  # alive while it waits for the database
                 self.clock.wait(self._stopping, backoff.delay)
                 backoff = backoff.failed()
                 continue

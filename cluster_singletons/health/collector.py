@@ -2,8 +2,8 @@
 
 They are the same whichever process serves the scrape (the database holds the cluster),
 so they are never multiplied by processes: runners, healthy runners, singletons led,
-pending intents and deliveries, heartbeat ages, each runner's clock offset. Process
-metrics are in ``metrics``.
+pending intents and deliveries, schedules the beat cannot run (by kind of problem),
+heartbeat ages, each runner's clock offset. Process metrics are in ``metrics``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from prometheus_client.registry import Collector
 
 from cluster_singletons._connection import drop_if_unusable
 from cluster_singletons.conf import get_settings
-from cluster_singletons.health.report import cluster_health
+from cluster_singletons.health.report import KINDS, cluster_health
 
 logger = logging.getLogger("cluster_singletons.metrics")
 
@@ -35,8 +35,13 @@ class ClusterCollector(Collector):
             logger.warning("cluster metrics unavailable: %s", exc)
             return
         for name, value, text in (
-            ("cluster_runners", report.runners, "Registered runners seen within the lease TTL."),
+            ("cluster_runners", report.runners, "Runners live or stopping (not gone)."),
             ("cluster_runners_healthy", report.runners_healthy, "Live runners not stopping."),
+            (
+                "cluster_runners_gone",
+                report.runners_gone,
+                "Registrations not seen within the lease TTL (or whose session ended).",
+            ),
             ("cluster_singletons_led", report.led, "Singletons with a current leader."),
             ("cluster_beat_pending_intents", report.pending_intents, "Ledger intents unpublished."),
             (
@@ -64,3 +69,11 @@ class ClusterCollector(Collector):
         for runner, offset in report.clock_offsets.items():
             offsets.add_metric([str(runner)], offset)
         yield offsets
+        problems = GaugeMetricFamily(
+            "cluster_beat_schedule_problems",
+            "Schedules the beat flagged as unable to run, by kind of problem.",
+            labels=["kind"],
+        )
+        for kind in KINDS:
+            problems.add_metric([kind], report.schedule_problems.get(kind, 0))
+        yield problems

@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,20 +22,6 @@ pytestmark = [pytest.mark.multiprocess, pytest.mark.django_db(transaction=True)]
 FAST = {"lease_ttl": 2.0, "renew_interval": 0.5, "acquire_interval": 0.1}
 #: A TTL far longer than any takeover we accept, to prove a takeover did not wait for expiry.
 LONG = {"lease_ttl": 30.0, "renew_interval": 5.0, "acquire_interval": 0.1}
-
-
-@pytest.fixture
-def cluster_factory(tmp_path: Path) -> Iterator[type[Cluster]]:
-    started: list[Cluster] = []
-
-    class Tracked(Cluster):
-        def __init__(self, *args: object, **kwargs: object) -> None:
-            super().__init__(tmp_path, *args, **kwargs)  # type: ignore[arg-type]
-            started.append(self)
-
-    yield Tracked
-    for cluster in started:
-        cluster.stop()
 
 
 def test_sigkill_of_the_leader_hands_the_lease_to_a_standby(cluster_factory: type[Cluster]) -> None:

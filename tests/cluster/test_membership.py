@@ -76,9 +76,20 @@ def test_the_live_view_counts_the_placed_leases_each_live_runner_holds() -> None
     assert view == {a: 2, b: 0}
 
 
-def test_counts_split_live_runners_from_those_stopping() -> None:
-    a, stopping, stale = _register("a"), _register("stopping"), _register("stale")
-    membership.mark_stopping(stopping, using=USING)
-    _age(stale, 60)
-    now = Runner.objects.get(pk=a).last_seen
-    assert membership.counts(seen_within=30, now=now, using=USING) == (2, 1)
+def test_rows_say_whose_postgresql_session_is_gone() -> None:
+    alive, dead, unlocked = _register("alive"), _register("dead"), _register("unlocked")
+    for runner in (alive, dead):
+        membership.set_crash_detection(runner, lock=True, how="session", using=USING)
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:  # this session holds the live runner's lock
+            cursor.execute(
+                "SELECT pg_advisory_lock(%s, %s)", [membership.LIVENESS_LOCK_NAMESPACE, alive]
+            )
+    try:
+        gone = {r.id: r.session_gone for r in membership.rows(using=USING)}
+    finally:
+        if connection.vendor == "postgresql":
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_advisory_unlock_all()")
+    dead_gone = connection.vendor == "postgresql"
+    assert gone == {alive: False, dead: dead_gone, unlocked: False}

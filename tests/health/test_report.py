@@ -190,3 +190,27 @@ def test_a_cron_function_is_stale_when_its_next_run_is_overdue() -> None:
         assert statuses["cron:hourly"] == STALE, "12:00 is overdue by more than stale_grace"
     finally:
         crons._crons.pop("cron:hourly")
+
+
+@pytest.mark.usefixtures("isolated_registry")
+def test_a_nightly_cron_function_is_not_stale_before_its_first_run_is_due() -> None:
+    crons.cron("nightly", "0 3 * * *")(lambda run: None)
+    try:
+        runner = _lead("beat", since=NOW - timedelta(minutes=5))  # the beat led from 11:55
+        for later in (timedelta(seconds=31), timedelta(hours=15)):
+            Runner.objects.filter(pk=runner.pk).update(last_seen=NOW + later)
+            Lease.objects.update(expires_at=NOW + later + timedelta(seconds=10))
+            Heartbeat.objects.update_or_create(  # the beat itself is making progress
+                name="beat", defaults={"expected_interval": 5, "beat_at": NOW + later}
+            )
+            report = cluster_health(now=NOW + later)
+            statuses = {i.name: i.status for i in report.items}
+            assert statuses["cron:nightly"] == NEVER, later
+            assert report.healthy, "a job not yet due keeps the cluster healthy"
+        first_due = NOW.replace(hour=3) + timedelta(days=1)
+        overdue = first_due + timedelta(seconds=31)
+        Lease.objects.update(expires_at=overdue + timedelta(seconds=10))
+        statuses = {i.name: i.status for i in cluster_health(now=overdue).items}
+        assert statuses["cron:nightly"] == STALE, "03:00 passed without a run"
+    finally:
+        crons._crons.pop("cron:nightly")

@@ -62,3 +62,24 @@ def test_a_new_leader_is_not_stale_within_its_grace_even_with_an_old_heartbeat()
     old = _beat(ok_at=-3600)
     assert _status(lease, old, 20) == HEALTHY
     assert _status(lease, old, 31) == STALE
+
+
+def test_a_cron_function_never_run_is_never_executed_until_its_first_due_time_and_grace() -> None:
+    # A nightly job whose leader started at noon: its first run is due at 03:00 tomorrow.
+    first_due = T0.replace(hour=3) + timedelta(days=1)
+    first = lambda since: first_due + GRACE  # noqa: E731
+    deadline = lambda last: None  # noqa: E731
+    held = _lease(expires_in=7 * 86400)
+
+    def at(now: datetime) -> str:
+        return status(held, None, now, grace=GRACE, deadline=deadline, first=first)
+
+    assert at(T0 + timedelta(seconds=31)) == NEVER, "not due yet: not stale"
+    assert at(T0 + timedelta(hours=14)) == NEVER
+    assert at(first_due + GRACE) == NEVER
+    assert at(first_due + GRACE + timedelta(seconds=1)) == STALE
+    never = lambda since: None  # noqa: E731
+    assert (
+        status(held, None, T0 + timedelta(days=6), grace=GRACE, deadline=deadline, first=never)
+        == NEVER
+    ), "a schedule with no tick left is never stale"

@@ -66,7 +66,7 @@ def test_cluster_status_and_the_metrics_show_each_runners_clock_offset() -> None
     membership.touch(skewed, clock_offset=-30.0123, using="default")
     membership.touch(fine, clock_offset=0.0004, using="default")
     table = _call("cluster_status")
-    assert "skewed:1 seen" in table and "clock -30.012 s (above clock_offset_warning)" in table
+    assert "skewed:1 live" in table and "clock -30.012 s (above clock_offset_warning)" in table
     assert "clock +0.000 s\n" in table and "clock offset unknown" in table
     body = json.loads(_call("cluster_status", "--json"))
     assert body["clock_offsets"] == {str(skewed): -30.0123, str(fine): 0.0004}

@@ -7,29 +7,18 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandParser
 
-from cluster_singletons.cluster import leases, membership
+from cluster_singletons.cluster import leases
 from cluster_singletons.conf import get_settings
-from cluster_singletons.health.report import Report, cluster_health
+from cluster_singletons.health.report import Report, RunnerStatus, cluster_health
 from cluster_singletons.management.base import clear_errors
-
-_RUNNER_COLUMNS = (
-    "id",
-    "host",
-    "pid",
-    "kind",
-    "started_at",
-    "last_seen",
-    "stopping",
-    "crash_detection",
-    "clock_offset",
-)
 
 
 class Command(BaseCommand):
     help = (
         "Show the cluster: health of every singleton, @cron function and the beat (status, "
-        "leader, epoch, heartbeat age, last error), the runners (with their clocks' offsets "
-        "to the database's) and the leases. Exits 0 when "
+        "leader, epoch, heartbeat age, last error), schedules the beat cannot run, the runners "
+        "(live, stopping or gone, when the database last saw each, their clocks' offsets to "
+        "the database's) and the leases. Exits 0 when "
         "healthy, 1 when not. --json prints the same as the health endpoint's detail."
     )
 
@@ -41,13 +30,11 @@ class Command(BaseCommand):
         settings = get_settings()
         db = settings.database
         report = cluster_health()
-        runners = [
-            {column: getattr(row, column) for column in _RUNNER_COLUMNS}
-            for row in membership.rows(using=db)
-        ]
+        runners = report.runner_list
         held = leases.rows(using=db)
         if options["json"]:
-            body = {**report.as_dict(detail=True), "runners": runners, "leases": held}
+            listed = [r.as_dict() for r in runners]
+            body = {**report.as_dict(detail=True), "runners": listed, "leases": held}
             self.stdout.write(json.dumps(body, default=str, indent=2))
         else:
             self._table(report, runners, held, warn_above=settings.clock_offset_warning)
@@ -57,7 +44,7 @@ class Command(BaseCommand):
     def _table(
         self,
         report: Report,
-        runners: list[dict[str, Any]],
+        runners: list[RunnerStatus],
         leases: list[dict[str, Any]],
         *,
         warn_above: float,
@@ -71,16 +58,18 @@ class Command(BaseCommand):
                 f"{item.name:32} {item.status:15} {item.leader or '-':>6} "
                 f"{item.epoch or '-':>6} {age:>8}  {item.last_error[:60]}"
             )
-        say(f"\nrunners ({report.runners_healthy} healthy of {report.runners} live):")
+        say(
+            f"\nrunners: {report.runners_healthy} live, {report.runners_stopping} stopping, "
+            f"{report.runners_gone} gone"
+        )
         for r in runners:
-            stopping = " stopping" if r["stopping"] else ""
-            where = f"{r['host']}:{r['pid']}"
+            where = f"{r.host}:{r.pid}"
             say(
-                f"  {r['id']:>4} {r['kind']:10} {where} seen {r['last_seen']}"
-                f"{_clock(r['clock_offset'], warn_above)}{stopping}"
+                f"  {r.id:>4} {r.kind:10} {where} {r.state:8} seen {r.seen_ago:.1f} s ago"
+                f"{_clock(r.clock_offset, warn_above)}"
             )
-            if r["crash_detection"]:
-                say(f"       crash detected by {r['crash_detection']}")
+            if r.crash_detection:
+                say(f"       crash detected by {r.crash_detection}")
         say("\nleases:")
         for lease in leases:
             holder = lease["holder_id"] or "-"
