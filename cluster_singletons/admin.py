@@ -1,9 +1,11 @@
 """Django admin: a cluster health dashboard and pages to oversee and operate the cluster.
 
 Every operation is a Django permission on the model it changes and is written to the
-admin log: hand off (``change_lease``), reset state (``delete_staterecord``), edit state
+admin log: hand off (``change_lease``), reset state (``delete_staterecord``; deleting a
+state row resets it, history kept), edit state
 (``change_staterecord``, validated against the singleton's model before saving), run now,
-pause and resume (``change_schedulerecord``), cancel a delivery (``change_delivery``).
+pause and resume (``change_schedulerecord``; schedule records are never deleted), cancel
+a delivery (``change_delivery``).
 Registries, leases, the ledger and heartbeats are otherwise read-only: the runners write
 them.
 """
@@ -158,6 +160,11 @@ class StateRecordAdmin(ModelAdmin):
     def delete_model(self, request: HttpRequest, obj: StateRecord) -> None:
         control.reset_state(_singleton_of(obj.key), f"deleted by {request.user}")
 
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[StateRecord]) -> None:
+        # Django's "delete selected" would drop the rows with no history: reset each.
+        for row in queryset:
+            self.delete_model(request, row)
+
     @admin.action(
         description="Reset state (the old value is kept in history)", permissions=["delete"]
     )
@@ -210,6 +217,10 @@ class ScheduleRecordAdmin(ModelAdmin):
     actions = ("pause", "resume", "run_now")
 
     def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        # A record holds a pause flag, its note and the last tick: nothing to delete by hand.
         return False
 
     def save_model(

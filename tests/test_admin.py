@@ -164,3 +164,34 @@ def test_state_edits_find_their_singleton_under_a_key_prefix() -> None:
         editor = _client("view_staterecord", "change_staterecord")
         assert editor.post(url, {"value": '{"cursor": 4}'}).status_code == 302
         assert json.loads(StateRecord.objects.get(key=store.key).value) == {"cursor": 4}
+
+
+def test_deleting_state_in_the_admin_resets_it_and_keeps_history() -> None:
+    StateRecord.objects.filter(key="singleton:progress").update(
+        status=StateRecord.Status.QUARANTINED, problem="bad"
+    )
+    operator = _client("view_staterecord", "delete_staterecord")
+    changelist = "/admin/cluster_singletons/staterecord/"
+    delete = {"action": "delete_selected", "_selected_action": ["singleton:progress"]}
+    operator.post(changelist, {**delete, "post": "yes"})
+    assert not StateRecord.objects.exists()
+    kept = StateHistory.objects.get(reason="reset")
+    assert json.loads(kept.value) == {"cursor": 7}
+    StateStore("singleton:progress", Progress).save(Progress(cursor=8))
+    url = f"/admin/cluster_singletons/staterecord/{quote('singleton:progress')}/delete/"
+    assert operator.post(url, {"post": "yes"}).status_code == 302
+    assert not StateRecord.objects.exists()
+    assert StateHistory.objects.filter(reason="reset").count() == 2
+
+
+def test_schedule_records_cannot_be_deleted_from_the_admin() -> None:
+    ScheduleRecord.objects.create(key="beat:nightly", paused=True, pause_note="why")
+    superuser = _client(superuser=True)
+    url = "/admin/cluster_singletons/schedulerecord/"
+    delete = {"action": "delete_selected", "_selected_action": ["beat:nightly"], "post": "yes"}
+    superuser.post(url, delete)
+    assert (
+        superuser.post(f"{url}{quote('beat:nightly')}/delete/", {"post": "yes"}).status_code == 403
+    )
+    record = ScheduleRecord.objects.get()
+    assert record.paused and record.pause_note == "why"
