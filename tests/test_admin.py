@@ -17,6 +17,7 @@ from cluster_singletons.models import (
     Delivery,
     Lease,
     Run,
+    Runner,
     ScheduleRecord,
     StateHistory,
     StateRecord,
@@ -195,3 +196,24 @@ def test_schedule_records_cannot_be_deleted_from_the_admin() -> None:
     )
     record = ScheduleRecord.objects.get()
     assert record.paused and record.pause_note == "why"
+
+
+def test_the_ledger_page_shows_times_to_the_millisecond() -> None:
+    tick = datetime(2026, 6, 1, 12, 0, 5, 250_000, tzinfo=UTC)
+    Run.objects.create(schedule="beat:fast", tick=tick, published_at=tick + timedelta(seconds=0.5))
+    html = _client(superuser=True).get("/admin/cluster_singletons/run/").content.decode()
+    assert "2026-06-01 12:00:05.250" in html
+    assert "2026-06-01 12:00:05.750" in html
+
+
+def test_dashboard_names_are_data_attributes_not_inline_javascript(
+    isolated_registry: None,
+) -> None:
+    from cluster_singletons.singletons import registry
+
+    registry.singleton("it's", interval=10)(lambda ctx: None)
+    leases.ensure(["singleton:it's"], using="default")
+    leases.acquire("singleton:it's", Runner.objects.get().id, ttl=60, using="default")
+    html = _client("change_lease").get("/admin/cluster_singletons/clusterhealth/").content.decode()
+    assert "onclick" not in html
+    assert 'data-confirm="Hand singleton:it&#x27;s off to another runner?"' in html
