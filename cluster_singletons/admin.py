@@ -24,7 +24,6 @@ from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils import timezone
-from pydantic import ValidationError as ModelInvalid
 
 from cluster_singletons import control, names
 from cluster_singletons.beat import crons
@@ -32,7 +31,11 @@ from cluster_singletons.beat.schedule import Schedule
 from cluster_singletons.beat.timetables import preview
 from cluster_singletons.cluster import leases, membership
 from cluster_singletons.conf import get_settings
-from cluster_singletons.errors import ClusterSingletonsError, DeliveryNotCancellable
+from cluster_singletons.errors import (
+    ClusterSingletonsError,
+    DeliveryNotCancellable,
+    StateImportRefused,
+)
 from cluster_singletons.health.report import cluster_health
 from cluster_singletons.models import (
     ClusterHealth,
@@ -129,16 +132,19 @@ class StateForm(ModelForm):
         fields = ("value",)
 
     def clean_value(self) -> str:
+        """The edited value is read at the row's schema version (the one it is shown in),
+        through the upgrades; an unknown field is refused, never dropped."""
         name = _singleton_of(self.instance.key)
         try:
             store = control.singleton_store(name)
         except ClusterSingletonsError as exc:
             raise ValidationError(str(exc)) from exc
+        text = str(self.cleaned_data["value"])
         try:
-            store.model.model_validate_json(self.cleaned_data["value"])
-        except ModelInvalid as exc:
-            raise ValidationError(f"not a valid {store.model.__name__}: {exc}") from exc
-        return str(self.cleaned_data["value"])
+            control.decode_state(name, text, schema_version=self.instance.schema_version)
+        except StateImportRefused as exc:
+            raise ValidationError(f"not a valid {store.model.__name__}: {exc.problem}") from exc
+        return text
 
 
 @admin.register(StateRecord)
@@ -156,7 +162,9 @@ class StateRecordAdmin(ModelAdmin):
     def save_model(self, request: HttpRequest, obj: StateRecord, form: Any, change: bool) -> None:
         name = _singleton_of(obj.key)
         note = form.cleaned_data.get("note") or f"edited in the admin by {request.user}"
-        control.import_state(name, form.cleaned_data["value"], note)
+        control.import_state(
+            name, form.cleaned_data["value"], note, schema_version=obj.schema_version
+        )
 
     def delete_model(self, request: HttpRequest, obj: StateRecord) -> None:
         control.reset_state(_singleton_of(obj.key), f"deleted by {request.user}")
