@@ -13,19 +13,20 @@ them.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from django import forms
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied, ValidationError
-from django.db.models import QuerySet
+from django.db.models import Q, QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils import timezone
 
-from cluster_singletons import control, names
+from cluster_singletons import control, deployment, names
 from cluster_singletons.beat import crons
 from cluster_singletons.beat.schedule import Schedule
 from cluster_singletons.beat.timetables import preview
@@ -61,6 +62,13 @@ else:
 class ReadOnly(ModelAdmin):
     """Rows the runners write: visible, never added or edited by hand."""
 
+    #: This deployment's rows (another ``key_prefix``'s are not shown, nor acted on).
+    mine: Callable[[], Q] | None = None
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Any]:
+        rows = super().get_queryset(request)
+        return rows if self.mine is None else rows.filter(self.mine())
+
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
 
@@ -79,6 +87,7 @@ class RunnerAdmin(ReadOnly):
 
 @admin.register(Lease)
 class LeaseAdmin(ReadOnly):
+    mine = staticmethod(deployment.leases)
     list_display = ("name", "holder", "epoch", "acquired_at", "expires_at", "handoff_requested")
     search_fields = ("name",)
     actions = ("hand_off",)
@@ -150,6 +159,10 @@ class StateForm(ModelForm):
 @admin.register(StateRecord)
 class StateRecordAdmin(ModelAdmin):
     form = StateForm
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[StateRecord]:
+        return super().get_queryset(request).filter(deployment.states())
+
     list_display = ("key", "status", "version", "schema_version", "updated_at", "updated_epoch")
     list_filter = ("status",)
     search_fields = ("key",)
@@ -187,7 +200,11 @@ class StateRecordAdmin(ModelAdmin):
             }
             return TemplateResponse(request, "admin/cluster_singletons/confirm_reset.html", context)
         for row in queryset:
-            control.reset_state(_singleton_of(row.key), f"reset by {request.user}")
+            try:
+                control.reset_state(_singleton_of(row.key), f"reset by {request.user}")
+            except ClusterSingletonsError as exc:  # not a declared singleton's row
+                self.message_user(request, f"{row.key} not reset: {exc}", messages.ERROR)
+                continue
             self.log_change(request, row, "Reset the state (old value kept in history)")
             self.message_user(request, f"reset {row.key}")
         return None
@@ -195,6 +212,7 @@ class StateRecordAdmin(ModelAdmin):
 
 @admin.register(StateHistory)
 class StateHistoryAdmin(ReadOnly):
+    mine = staticmethod(deployment.states)
     list_display = ("key", "reason", "version", "schema_version", "recorded_at", "note")
     list_filter = ("reason",)
     search_fields = ("key",)
@@ -209,6 +227,7 @@ def _to_the_millisecond(at: datetime | None) -> str:
 
 @admin.register(Run)
 class RunAdmin(ReadOnly):
+    mine = staticmethod(lambda: deployment.schedules("schedule"))
     list_display = ("schedule", "tick_at", "status", "kind", "ticks", "task", "published")
     list_filter = ("status", "kind")
     search_fields = ("schedule", "task_id")
@@ -225,6 +244,9 @@ class RunAdmin(ReadOnly):
 
 @admin.register(ScheduleRecord)
 class ScheduleRecordAdmin(ModelAdmin):
+    def get_queryset(self, request: HttpRequest) -> QuerySet[ScheduleRecord]:
+        return super().get_queryset(request).filter(deployment.schedules("key"))
+
     list_display = ("key", "paused", "pause_note", "last_tick", "overlap", "problem")
     list_filter = ("paused",)
     search_fields = ("key",)
@@ -257,14 +279,16 @@ class ScheduleRecordAdmin(ModelAdmin):
     @admin.action(description="Pause (ticks pass without runs)", permissions=["change"])
     def pause(self, request: HttpRequest, queryset: QuerySet[ScheduleRecord]) -> None:
         for record in queryset:
-            control.set_paused(record.key, f"paused in the admin by {request.user}")
+            control.set_paused(
+                deployment.loaded(record.key), f"paused in the admin by {request.user}"
+            )
             self.log_change(request, record, "Paused")
         self.message_user(request, f"paused {queryset.count()} schedule(s)")
 
     @admin.action(description="Resume", permissions=["change"])
     def resume(self, request: HttpRequest, queryset: QuerySet[ScheduleRecord]) -> None:
         for record in queryset:
-            control.set_paused(record.key, None)
+            control.set_paused(deployment.loaded(record.key), None)
             self.log_change(request, record, "Resumed")
         self.message_user(request, f"resumed {queryset.count()} schedule(s)")
 
@@ -272,7 +296,9 @@ class ScheduleRecordAdmin(ModelAdmin):
     def run_now(self, request: HttpRequest, queryset: QuerySet[ScheduleRecord]) -> None:
         for record in queryset:
             try:
-                run = control.run_now(record.key, note=f"run now by {request.user}")
+                run = control.run_now(
+                    deployment.loaded(record.key), note=f"run now by {request.user}"
+                )
             except ClusterSingletonsError as exc:
                 self.message_user(request, str(exc), messages.ERROR)
                 continue
@@ -282,6 +308,7 @@ class ScheduleRecordAdmin(ModelAdmin):
 
 @admin.register(Delivery)
 class DeliveryAdmin(ReadOnly):
+    mine = staticmethod(lambda: Q(key_prefix=deployment.prefix()))
     list_display = ("id", "task", "due_at", "status", "created_at", "done_at")
     list_filter = ("status",)
     search_fields = ("task",)

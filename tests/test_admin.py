@@ -217,3 +217,45 @@ def test_dashboard_names_are_data_attributes_not_inline_javascript(
     html = _client("change_lease").get("/admin/cluster_singletons/clusterhealth/").content.decode()
     assert "onclick" not in html
     assert 'data-confirm="Hand singleton:it&#x27;s off to another runner?"' in html
+
+
+def test_under_a_key_prefix_the_admin_shows_and_changes_only_its_own_rows() -> None:
+    with override_settings(CLUSTER_SINGLETONS={"key_prefix": "app1:"}):
+        ours = StateStore("singleton:progress", Progress)
+        ours.save(Progress(cursor=1))
+    for prefix in ("", "app1:", "app2:"):
+        Run.objects.create(schedule=f"{prefix}beat:five", tick=datetime(2026, 1, 1, tzinfo=UTC))
+        ScheduleRecord.objects.create(key=f"{prefix}beat:five")
+    StateRecord.objects.create(key="app2:singleton:progress", value='{"cursor": 3}')
+    operator = _client(superuser=True)
+    with override_settings(CLUSTER_SINGLETONS={"key_prefix": "app1:"}):
+        states = operator.get("/admin/cluster_singletons/staterecord/").content.decode()
+        assert "app1:singleton:progress" in states and "app2:" not in states
+        assert ">singleton:progress<" not in states
+        runs = operator.get("/admin/cluster_singletons/run/").content.decode()
+        assert "app1:beat:five" in runs and "app2:" not in runs and ">beat:five<" not in runs
+        foreign = (
+            f"/admin/cluster_singletons/staterecord/{quote('app2:singleton:progress')}/change/"
+        )
+        assert operator.post(foreign, {"value": '{"cursor": 9}'}).status_code == 302
+        assert json.loads(StateRecord.objects.get(key="app2:singleton:progress").value) == {
+            "cursor": 3
+        }, "another deployment's row is not ours to edit"
+        reset = {
+            "action": "reset",
+            "_selected_action": ["app1:singleton:progress", "app2:singleton:progress"],
+            "confirmed": "yes",
+        }
+        assert operator.post("/admin/cluster_singletons/staterecord/", reset).status_code == 302
+        assert not StateRecord.objects.filter(key="app1:singleton:progress").exists()
+        assert StateRecord.objects.filter(key="app2:singleton:progress").exists()
+        assert StateRecord.objects.filter(key="singleton:progress").exists()
+        pause = {"action": "pause", "_selected_action": ["app1:beat:five", "app2:beat:five"]}
+        operator.post("/admin/cluster_singletons/schedulerecord/", pause)
+    assert set(ScheduleRecord.objects.filter(paused=True).values_list("key", flat=True)) == {
+        "app1:beat:five"
+    }
+    operator.get("/admin/")  # shows the messages of the operations above
+    unprefixed = operator.get("/admin/cluster_singletons/staterecord/").content.decode()
+    assert "app2:" not in unprefixed and "app1:" not in unprefixed
+    assert "app2:" not in operator.get("/admin/cluster_singletons/schedulerecord/").content.decode()

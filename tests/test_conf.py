@@ -106,3 +106,10 @@ def test_example_project_runs_with_debug_off_unless_asked(env: str | None, debug
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(debug)
+
+
+@pytest.mark.parametrize("prefix", ["beat:", "periodic:x", "singleton:", "cron:", "delivery:"])
+def test_a_key_prefix_that_reads_as_a_key_is_e002(prefix: str) -> None:
+    with override_settings(CLUSTER_SINGLETONS={"key_prefix": prefix}):
+        [error] = check_settings()
+    assert error.id == "cluster_singletons.E002" and "key_prefix" in error.msg
