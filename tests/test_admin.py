@@ -255,6 +255,15 @@ def test_under_a_key_prefix_the_admin_shows_and_changes_only_its_own_rows() -> N
     assert set(ScheduleRecord.objects.filter(paused=True).values_list("key", flat=True)) == {
         "app1:beat:five"
     }
+    with override_settings(CLUSTER_SINGLETONS={"key_prefix": "app1:"}):
+        other = membership.register(host="node-b", pid=1, kind="runcluster", using="default")
+        leases.ensure(["app1:singleton:progress"], using="default")
+        leases.acquire("app1:singleton:progress", other, ttl=60, using="default")
+        dashboard = operator.get("/admin/cluster_singletons/clusterhealth/").content.decode()
+        assert "app1:singleton:progress" in dashboard and "node-b:1" in dashboard
+        assert "node-a" not in dashboard, "the unprefixed deployment's runner"
+        node_a = Runner.objects.get(host="node-a").id
+        assert f"runner {node_a}<" not in dashboard, "nor its lease changes"
     operator.get("/admin/")  # shows the messages of the operations above
     unprefixed = operator.get("/admin/cluster_singletons/staterecord/").content.decode()
     assert "app2:" not in unprefixed and "app1:" not in unprefixed
