@@ -1,9 +1,11 @@
 """Django admin: a cluster health dashboard and pages to oversee and operate the cluster.
 
 Every operation is a Django permission on the model it changes and is written to the
-admin log: hand off (``change_lease``), reset state (``delete_staterecord``), edit state
+admin log: hand off (``change_lease``), reset state (``delete_staterecord``; deleting a
+state row resets it, history kept), edit state
 (``change_staterecord``, validated against the singleton's model before saving), run now,
-pause and resume (``change_schedulerecord``), cancel a delivery (``change_delivery``).
+pause and resume (``change_schedulerecord``; schedule records are never deleted), cancel
+a delivery (``change_delivery``).
 Registries, leases, the ledger and heartbeats are otherwise read-only: the runners write
 them.
 """
@@ -11,25 +13,30 @@ them.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from django import forms
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied, ValidationError
-from django.db.models import QuerySet
+from django.db.models import Q, QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import reverse
-from pydantic import ValidationError as ModelInvalid
+from django.utils import timezone
 
-from cluster_singletons import control, names
+from cluster_singletons import control, deployment, names
 from cluster_singletons.beat import crons
 from cluster_singletons.beat.schedule import Schedule
 from cluster_singletons.beat.timetables import preview
 from cluster_singletons.cluster import leases
 from cluster_singletons.conf import get_settings
-from cluster_singletons.errors import ClusterSingletonsError, DeliveryNotCancellable
+from cluster_singletons.errors import (
+    ClusterSingletonsError,
+    DeliveryNotCancellable,
+    StateImportRefused,
+)
 from cluster_singletons.health.report import cluster_health
 from cluster_singletons.models import (
     ClusterHealth,
@@ -55,6 +62,13 @@ else:
 class ReadOnly(ModelAdmin):
     """Rows the runners write: visible, never added or edited by hand."""
 
+    #: This deployment's rows (another ``key_prefix``'s are not shown, nor acted on).
+    mine: Callable[[], Q] | None = None
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Any]:
+        rows = super().get_queryset(request)
+        return rows if self.mine is None else rows.filter(self.mine())
+
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
 
@@ -73,6 +87,7 @@ class RunnerAdmin(ReadOnly):
 
 @admin.register(Lease)
 class LeaseAdmin(ReadOnly):
+    mine = staticmethod(deployment.leases)
     list_display = ("name", "holder", "epoch", "acquired_at", "expires_at", "handoff_requested")
     search_fields = ("name",)
     actions = ("hand_off",)
@@ -126,21 +141,28 @@ class StateForm(ModelForm):
         fields = ("value",)
 
     def clean_value(self) -> str:
+        """The edited value is read at the row's schema version (the one it is shown in),
+        through the upgrades; an unknown field is refused, never dropped."""
         name = _singleton_of(self.instance.key)
         try:
             store = control.singleton_store(name)
         except ClusterSingletonsError as exc:
             raise ValidationError(str(exc)) from exc
+        text = str(self.cleaned_data["value"])
         try:
-            store.model.model_validate_json(self.cleaned_data["value"])
-        except ModelInvalid as exc:
-            raise ValidationError(f"not a valid {store.model.__name__}: {exc}") from exc
-        return str(self.cleaned_data["value"])
+            control.decode_state(name, text, schema_version=self.instance.schema_version)
+        except StateImportRefused as exc:
+            raise ValidationError(f"not a valid {store.model.__name__}: {exc.problem}") from exc
+        return text
 
 
 @admin.register(StateRecord)
 class StateRecordAdmin(ModelAdmin):
     form = StateForm
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[StateRecord]:
+        return super().get_queryset(request).filter(deployment.states())
+
     list_display = ("key", "status", "version", "schema_version", "updated_at", "updated_epoch")
     list_filter = ("status",)
     search_fields = ("key",)
@@ -153,10 +175,17 @@ class StateRecordAdmin(ModelAdmin):
     def save_model(self, request: HttpRequest, obj: StateRecord, form: Any, change: bool) -> None:
         name = _singleton_of(obj.key)
         note = form.cleaned_data.get("note") or f"edited in the admin by {request.user}"
-        control.import_state(name, form.cleaned_data["value"], note)
+        control.import_state(
+            name, form.cleaned_data["value"], note, schema_version=obj.schema_version
+        )
 
     def delete_model(self, request: HttpRequest, obj: StateRecord) -> None:
         control.reset_state(_singleton_of(obj.key), f"deleted by {request.user}")
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[StateRecord]) -> None:
+        # Django's "delete selected" would drop the rows with no history: reset each.
+        for row in queryset:
+            self.delete_model(request, row)
 
     @admin.action(
         description="Reset state (the old value is kept in history)", permissions=["delete"]
@@ -171,7 +200,11 @@ class StateRecordAdmin(ModelAdmin):
             }
             return TemplateResponse(request, "admin/cluster_singletons/confirm_reset.html", context)
         for row in queryset:
-            control.reset_state(_singleton_of(row.key), f"reset by {request.user}")
+            try:
+                control.reset_state(_singleton_of(row.key), f"reset by {request.user}")
+            except ClusterSingletonsError as exc:  # not a declared singleton's row
+                self.message_user(request, f"{row.key} not reset: {exc}", messages.ERROR)
+                continue
             self.log_change(request, row, "Reset the state (old value kept in history)")
             self.message_user(request, f"reset {row.key}")
         return None
@@ -179,21 +212,41 @@ class StateRecordAdmin(ModelAdmin):
 
 @admin.register(StateHistory)
 class StateHistoryAdmin(ReadOnly):
+    mine = staticmethod(deployment.states)
     list_display = ("key", "reason", "version", "schema_version", "recorded_at", "note")
     list_filter = ("reason",)
     search_fields = ("key",)
 
 
+def _to_the_millisecond(at: datetime | None) -> str:
+    """``at`` in the admin's time zone to the millisecond (a 5-second schedule's rows differ)."""
+    if at is None:
+        return "-"
+    return timezone.localtime(at).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+
+
 @admin.register(Run)
 class RunAdmin(ReadOnly):
-    list_display = ("schedule", "tick", "status", "kind", "ticks", "task", "published_at")
+    mine = staticmethod(lambda: deployment.schedules("schedule"))
+    list_display = ("schedule", "tick_at", "status", "kind", "ticks", "task", "published")
     list_filter = ("status", "kind")
     search_fields = ("schedule", "task_id")
     date_hierarchy = "tick"
 
+    @admin.display(description="tick", ordering="tick")
+    def tick_at(self, run: Run) -> str:
+        return _to_the_millisecond(run.tick)
+
+    @admin.display(description="published at", ordering="published_at")
+    def published(self, run: Run) -> str:
+        return _to_the_millisecond(run.published_at)
+
 
 @admin.register(ScheduleRecord)
 class ScheduleRecordAdmin(ModelAdmin):
+    def get_queryset(self, request: HttpRequest) -> QuerySet[ScheduleRecord]:
+        return super().get_queryset(request).filter(deployment.schedules("key"))
+
     list_display = ("key", "paused", "pause_note", "last_tick", "overlap", "problem")
     list_filter = ("paused",)
     search_fields = ("key",)
@@ -212,6 +265,10 @@ class ScheduleRecordAdmin(ModelAdmin):
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
 
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        # A record holds a pause flag, its note and the last tick: nothing to delete by hand.
+        return False
+
     def save_model(
         self, request: HttpRequest, obj: ScheduleRecord, form: Any, change: bool
     ) -> None:
@@ -222,14 +279,16 @@ class ScheduleRecordAdmin(ModelAdmin):
     @admin.action(description="Pause (ticks pass without runs)", permissions=["change"])
     def pause(self, request: HttpRequest, queryset: QuerySet[ScheduleRecord]) -> None:
         for record in queryset:
-            control.set_paused(record.key, f"paused in the admin by {request.user}")
+            control.set_paused(
+                deployment.loaded(record.key), f"paused in the admin by {request.user}"
+            )
             self.log_change(request, record, "Paused")
         self.message_user(request, f"paused {queryset.count()} schedule(s)")
 
     @admin.action(description="Resume", permissions=["change"])
     def resume(self, request: HttpRequest, queryset: QuerySet[ScheduleRecord]) -> None:
         for record in queryset:
-            control.set_paused(record.key, None)
+            control.set_paused(deployment.loaded(record.key), None)
             self.log_change(request, record, "Resumed")
         self.message_user(request, f"resumed {queryset.count()} schedule(s)")
 
@@ -237,7 +296,9 @@ class ScheduleRecordAdmin(ModelAdmin):
     def run_now(self, request: HttpRequest, queryset: QuerySet[ScheduleRecord]) -> None:
         for record in queryset:
             try:
-                run = control.run_now(record.key, note=f"run now by {request.user}")
+                run = control.run_now(
+                    deployment.loaded(record.key), note=f"run now by {request.user}"
+                )
             except ClusterSingletonsError as exc:
                 self.message_user(request, str(exc), messages.ERROR)
                 continue
@@ -247,6 +308,7 @@ class ScheduleRecordAdmin(ModelAdmin):
 
 @admin.register(Delivery)
 class DeliveryAdmin(ReadOnly):
+    mine = staticmethod(lambda: Q(key_prefix=deployment.prefix()))
     list_display = ("id", "task", "due_at", "status", "created_at", "done_at")
     list_filter = ("status",)
     search_fields = ("task",)

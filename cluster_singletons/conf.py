@@ -13,9 +13,9 @@ from typing import Any, Literal
 
 from django.conf import settings as django_settings
 from django.core.exceptions import ImproperlyConfigured
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from cluster_singletons.names import Overlap
+from cluster_singletons.names import RESERVED_PREFIXES, Overlap
 
 SETTING_NAME = "CLUSTER_SINGLETONS"
 
@@ -43,8 +43,24 @@ class ClusterSettings(BaseModel):
         10.0, ge=0, description="How long shutdown waits for leader work to stop."
     )
     key_prefix: str = Field(
-        "", max_length=64, description="Prefix of every lease name, to share one database."
+        "",
+        max_length=64,
+        description=(
+            "Prefix of every key this deployment stores (leases, state, the run ledger, "
+            "schedule records, heartbeats, deliveries), so several share one database."
+        ),
     )
+
+    @field_validator("key_prefix")
+    @classmethod
+    def _not_a_kind(cls, prefix: str) -> str:
+        if prefix.startswith(RESERVED_PREFIXES):
+            raise ValueError(
+                f"may not start with {', '.join(RESERVED_PREFIXES)} (its keys would read as "
+                "an unprefixed deployment's); end it with another word, e.g. 'shop:'"
+            )
+        return prefix
+
     database: str = Field("default", min_length=1, description="The DATABASES alias to use.")
     crash_detection: Literal["auto", "ttl"] = Field(
         "auto",

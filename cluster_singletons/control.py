@@ -22,9 +22,9 @@ from cluster_singletons.beat.sources import load_all
 from cluster_singletons.beat.timetables import Cron, Timetable, preview, zone
 from cluster_singletons.cluster import leases
 from cluster_singletons.conf import get_settings
-from cluster_singletons.errors import ScheduleInvalid, UnknownSchedule
+from cluster_singletons.errors import ScheduleInvalid, StateImportRefused, UnknownSchedule
 from cluster_singletons.models import Run, StateRecord
-from cluster_singletons.singletons import registry
+from cluster_singletons.singletons import registry, state_versions
 from cluster_singletons.singletons.state import StateStore
 
 #: A backfill larger than this is refused: split the range.
@@ -175,12 +175,41 @@ def reset_state(name: str, note: str = "") -> None:
     singleton_store(name).reset(note or "reset by an operator")
 
 
-def import_state(name: str, text: str, note: str = "") -> BaseModel:
-    """Replace singleton ``name``'s state with the JSON ``text``, validated against its
-    model first (``pydantic.ValidationError``: nothing is written)."""
+def decode_state(name: str, text: str, *, schema_version: int | None = None) -> BaseModel:
+    """The JSON ``text`` as singleton ``name``'s model: an export (schema version inside,
+    decoded through the upgrades) or a bare value at ``schema_version`` (None: the model's).
+    ``StateImportRefused`` for invalid JSON, a newer version, an unknown field, a failed
+    upgrade or a value the model rejects."""
+    model = singleton_store(name).model
+    try:
+        return state_versions.decode_import(model, text, schema_version)
+    except state_versions.DecodeError as exc:
+        raise StateImportRefused(name, str(exc)) from exc
+
+
+def export_state(name: str) -> str:
+    """Singleton ``name``'s state as ``{"schema_version": n, "value": ...}`` (the stored
+    value as stored, or the model's defaults when nothing is stored)."""
     store = singleton_store(name)
-    value: BaseModel = store.model.model_validate_json(text)
-    store.edit(value, note or "edited by an operator")
+    row = store.row()
+    if row is None:
+        return state_versions.exported(
+            store.model().model_dump_json(), state_versions.version_of(store.model)
+        )
+    try:
+        return state_versions.exported(row.value, row.schema_version)
+    except state_versions.DecodeError as exc:
+        raise StateImportRefused(name, f"cannot export: {exc}") from exc
+
+
+def import_state(
+    name: str, text: str, note: str = "", *, schema_version: int | None = None
+) -> BaseModel:
+    """Replace singleton ``name``'s state with the JSON ``text`` (see ``decode_state``),
+    stored at the model's schema version; refused (``StateImportRefused``) before anything
+    is written."""
+    value = decode_state(name, text, schema_version=schema_version)
+    singleton_store(name).edit(value, note or "edited by an operator")
     return value
 
 

@@ -97,6 +97,16 @@ class SingletonError(ClusterSingletonsError):
         return self.reason in self.RETRYABLE
 
 
+class StateImportRefused(ClusterSingletonsError, ValueError):
+    """An operator's state value that cannot be read as the singleton's model (invalid
+    JSON, a newer schema version, an unknown field, a failed upgrade): nothing is written."""
+
+    def __init__(self, singleton: str, problem: str) -> None:
+        self.singleton = singleton
+        self.problem = problem
+        super().__init__(f"state of {singleton!r}: {problem}")
+
+
 class StateConflict(ClusterSingletonsError):
     """A compare-and-swap save found a newer version than the one it was based on."""
 

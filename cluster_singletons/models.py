@@ -64,6 +64,9 @@ class Runner(models.Model):
         blank=True,
         help_text="Database clock minus this process's wall clock, in seconds (estimated).",
     )
+    key_prefix = models.CharField(
+        max_length=64, blank=True, default="", help_text="The deployment's ``key_prefix``."
+    )
 
     class Meta:
         indexes = [models.Index(fields=["last_seen"], name="cs_runner_last_seen")]
@@ -301,6 +304,9 @@ class Delivery(models.Model):
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
     created_at = models.DateTimeField(db_default=Now())
     done_at = models.DateTimeField(null=True, blank=True)
+    key_prefix = models.CharField(
+        max_length=64, blank=True, default="", help_text="The deployment's ``key_prefix``."
+    )
 
     class Meta:
         verbose_name_plural = "deliveries"

@@ -1,7 +1,9 @@
-"""Names the subsystems share: lease names, state keys and the overlap policies.
+"""Names the subsystems share: lease names, state keys, schedule kinds and the overlap
+policies.
 
 Every lease and state key is stored under ``key_prefix`` (one database may serve several
-clusters); these functions apply it, so no caller spells a prefix by hand.
+clusters); these functions apply it, so no caller spells a prefix by hand (schedule keys:
+``deployment``).
 """
 
 from __future__ import annotations
@@ -12,6 +14,11 @@ from typing import Literal
 BEAT = "beat"
 #: Leases (and state keys) of singletons are ``singleton:<name>``.
 SINGLETON_PREFIX = "singleton:"
+#: Every schedule key starts with its kind: ``beat:x``, ``periodic:x``, ``cron:x``,
+#: ``delivery:<id>``.
+SCHEDULE_KINDS = ("beat:", "periodic:", "cron:", "delivery:")
+#: A ``key_prefix`` may not start with these: its keys would read as an unprefixed one's.
+RESERVED_PREFIXES = (SINGLETON_PREFIX, *SCHEDULE_KINDS)
 
 Overlap = Literal["skip", "buffer_one", "allow_all"]
 #: What the beat does when a schedule's previous run has not finished.

@@ -38,8 +38,11 @@ def may_see_detail(request: HttpRequest) -> bool:
     if user is not None and user.is_active and user.is_staff:
         return True
     token = get_settings().health_token
-    sent = request.headers.get("Authorization", "")
-    return bool(token) and hmac.compare_digest(sent.encode(), f"Bearer {token}".encode())
+    scheme, _, sent = request.headers.get("Authorization", "").strip().partition(" ")
+    # The scheme is case-insensitive (RFC 9110 11.1); the token is compared exactly.
+    if not token or scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(sent.strip().encode(), token.encode())
 
 
 @never_cache

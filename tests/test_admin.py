@@ -17,6 +17,7 @@ from cluster_singletons.models import (
     Delivery,
     Lease,
     Run,
+    Runner,
     ScheduleRecord,
     StateHistory,
     StateRecord,
@@ -164,3 +165,106 @@ def test_state_edits_find_their_singleton_under_a_key_prefix() -> None:
         editor = _client("view_staterecord", "change_staterecord")
         assert editor.post(url, {"value": '{"cursor": 4}'}).status_code == 302
         assert json.loads(StateRecord.objects.get(key=store.key).value) == {"cursor": 4}
+
+
+def test_deleting_state_in_the_admin_resets_it_and_keeps_history() -> None:
+    StateRecord.objects.filter(key="singleton:progress").update(
+        status=StateRecord.Status.QUARANTINED, problem="bad"
+    )
+    operator = _client("view_staterecord", "delete_staterecord")
+    changelist = "/admin/cluster_singletons/staterecord/"
+    delete = {"action": "delete_selected", "_selected_action": ["singleton:progress"]}
+    operator.post(changelist, {**delete, "post": "yes"})
+    assert not StateRecord.objects.exists()
+    kept = StateHistory.objects.get(reason="reset")
+    assert json.loads(kept.value) == {"cursor": 7}
+    StateStore("singleton:progress", Progress).save(Progress(cursor=8))
+    url = f"/admin/cluster_singletons/staterecord/{quote('singleton:progress')}/delete/"
+    assert operator.post(url, {"post": "yes"}).status_code == 302
+    assert not StateRecord.objects.exists()
+    assert StateHistory.objects.filter(reason="reset").count() == 2
+
+
+def test_schedule_records_cannot_be_deleted_from_the_admin() -> None:
+    ScheduleRecord.objects.create(key="beat:nightly", paused=True, pause_note="why")
+    superuser = _client(superuser=True)
+    url = "/admin/cluster_singletons/schedulerecord/"
+    delete = {"action": "delete_selected", "_selected_action": ["beat:nightly"], "post": "yes"}
+    superuser.post(url, delete)
+    assert (
+        superuser.post(f"{url}{quote('beat:nightly')}/delete/", {"post": "yes"}).status_code == 403
+    )
+    record = ScheduleRecord.objects.get()
+    assert record.paused and record.pause_note == "why"
+
+
+def test_the_ledger_page_shows_times_to_the_millisecond() -> None:
+    tick = datetime(2026, 6, 1, 12, 0, 5, 250_000, tzinfo=UTC)
+    Run.objects.create(schedule="beat:fast", tick=tick, published_at=tick + timedelta(seconds=0.5))
+    html = _client(superuser=True).get("/admin/cluster_singletons/run/").content.decode()
+    assert "2026-06-01 12:00:05.250" in html
+    assert "2026-06-01 12:00:05.750" in html
+
+
+def test_dashboard_names_are_data_attributes_not_inline_javascript(
+    isolated_registry: None,
+) -> None:
+    from cluster_singletons.singletons import registry
+
+    registry.singleton("it's", interval=10)(lambda ctx: None)
+    leases.ensure(["singleton:it's"], using="default")
+    leases.acquire("singleton:it's", Runner.objects.get().id, ttl=60, using="default")
+    html = _client("change_lease").get("/admin/cluster_singletons/clusterhealth/").content.decode()
+    assert "onclick" not in html
+    assert 'data-confirm="Hand singleton:it&#x27;s off to another runner?"' in html
+
+
+def test_under_a_key_prefix_the_admin_shows_and_changes_only_its_own_rows() -> None:
+    with override_settings(CLUSTER_SINGLETONS={"key_prefix": "app1:"}):
+        ours = StateStore("singleton:progress", Progress)
+        ours.save(Progress(cursor=1))
+    for prefix in ("", "app1:", "app2:"):
+        Run.objects.create(schedule=f"{prefix}beat:five", tick=datetime(2026, 1, 1, tzinfo=UTC))
+        ScheduleRecord.objects.create(key=f"{prefix}beat:five")
+    StateRecord.objects.create(key="app2:singleton:progress", value='{"cursor": 3}')
+    operator = _client(superuser=True)
+    with override_settings(CLUSTER_SINGLETONS={"key_prefix": "app1:"}):
+        states = operator.get("/admin/cluster_singletons/staterecord/").content.decode()
+        assert "app1:singleton:progress" in states and "app2:" not in states
+        assert ">singleton:progress<" not in states
+        runs = operator.get("/admin/cluster_singletons/run/").content.decode()
+        assert "app1:beat:five" in runs and "app2:" not in runs and ">beat:five<" not in runs
+        foreign = (
+            f"/admin/cluster_singletons/staterecord/{quote('app2:singleton:progress')}/change/"
+        )
+        assert operator.post(foreign, {"value": '{"cursor": 9}'}).status_code == 302
+        assert json.loads(StateRecord.objects.get(key="app2:singleton:progress").value) == {
+            "cursor": 3
+        }, "another deployment's row is not ours to edit"
+        reset = {
+            "action": "reset",
+            "_selected_action": ["app1:singleton:progress", "app2:singleton:progress"],
+            "confirmed": "yes",
+        }
+        assert operator.post("/admin/cluster_singletons/staterecord/", reset).status_code == 302
+        assert not StateRecord.objects.filter(key="app1:singleton:progress").exists()
+        assert StateRecord.objects.filter(key="app2:singleton:progress").exists()
+        assert StateRecord.objects.filter(key="singleton:progress").exists()
+        pause = {"action": "pause", "_selected_action": ["app1:beat:five", "app2:beat:five"]}
+        operator.post("/admin/cluster_singletons/schedulerecord/", pause)
+    assert set(ScheduleRecord.objects.filter(paused=True).values_list("key", flat=True)) == {
+        "app1:beat:five"
+    }
+    with override_settings(CLUSTER_SINGLETONS={"key_prefix": "app1:"}):
+        other = membership.register(host="node-b", pid=1, kind="runcluster", using="default")
+        leases.ensure(["app1:singleton:progress"], using="default")
+        leases.acquire("app1:singleton:progress", other, ttl=60, using="default")
+        dashboard = operator.get("/admin/cluster_singletons/clusterhealth/").content.decode()
+        assert "app1:singleton:progress" in dashboard and "node-b:1" in dashboard
+        assert "node-a" not in dashboard, "the unprefixed deployment's runner"
+        node_a = Runner.objects.get(host="node-a").id
+        assert f"runner {node_a}<" not in dashboard, "nor its lease changes"
+    operator.get("/admin/")  # shows the messages of the operations above
+    unprefixed = operator.get("/admin/cluster_singletons/staterecord/").content.decode()
+    assert "app2:" not in unprefixed and "app1:" not in unprefixed
+    assert "app2:" not in operator.get("/admin/cluster_singletons/schedulerecord/").content.decode()

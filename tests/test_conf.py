@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 from django.test import override_settings
 
 from cluster_singletons.checks import check_settings, sqlite_warnings
 from cluster_singletons.conf import ClusterSettings, get_settings
+from tests.fresh_interpreter import ROOT
 
 pytestmark = pytest.mark.unit
 
@@ -106,3 +111,23 @@ def test_invalid_settings_raise_improperly_configured_at_use_not_import() -> Non
         pytest.raises(ImproperlyConfigured, match="crash_detection"),
     ):
         get_settings()
+
+
+@pytest.mark.parametrize(("env", "debug"), [(None, False), ("0", False), ("1", True)])
+def test_example_project_runs_with_debug_off_unless_asked(env: str | None, debug: bool) -> None:
+    environ = {k: v for k, v in os.environ.items() if k != "DJANGO_DEBUG"}
+    if env is not None:
+        environ["DJANGO_DEBUG"] = env
+    code = "import project.settings as s; print(s.DEBUG)"
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=environ, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(debug)
+
+
+@pytest.mark.parametrize("prefix", ["beat:", "periodic:x", "singleton:", "cron:", "delivery:"])
+def test_a_key_prefix_that_reads_as_a_key_is_e002(prefix: str) -> None:
+    with override_settings(CLUSTER_SINGLETONS={"key_prefix": prefix}):
+        [error] = check_settings()
+    assert error.id == "cluster_singletons.E002" and "key_prefix" in error.msg

@@ -7,7 +7,8 @@ leading beat claims it when due and publishes it once. Until then it can be canc
 
 The writes (their invariants), and whether each is fenced:
 
-- ``deliver_at``: an application's insert (a Snowflake id, status ``pending``).
+- ``deliver_at``: an application's insert (a Snowflake id, status ``pending``, this
+  deployment's ``key_prefix``); every other statement sees only that deployment's rows.
 - ``cancel``: ``pending`` -> ``cancelled`` in one conditional statement; a delivery
   already claimed cannot be cancelled (``DeliveryNotCancellable``).
 - ``claim``: fenced on the beat's term, in one transaction that marks the deliveries
@@ -26,6 +27,7 @@ from typing import Any
 
 from django.db.models.functions import Now
 
+from cluster_singletons import deployment
 from cluster_singletons.beat import ledger
 from cluster_singletons.cluster import fencing
 from cluster_singletons.cluster.fencing import Term
@@ -52,7 +54,11 @@ def deliver_at(signature: Any, when: datetime, *, using: str | None = None) -> i
         {"args": list(signature.args), "kwargs": dict(signature.kwargs), "options": options}
     )
     delivery = Delivery.objects.using(using or get_settings().database).create(
-        id=generate_id(), task=task, message=message, due_at=when.astimezone(UTC)
+        id=generate_id(),
+        task=task,
+        message=message,
+        due_at=when.astimezone(UTC),
+        key_prefix=deployment.prefix(),
     )
     return delivery.id
 
@@ -68,7 +74,7 @@ def cancel(delivery_id: int, *, using: str | None = None) -> None:
     db = using or get_settings().database
     changed = (
         Delivery.objects.using(db)
-        .filter(id=delivery_id, status=Delivery.Status.PENDING)
+        .filter(id=delivery_id, status=Delivery.Status.PENDING, key_prefix=deployment.prefix())
         .update(status=Delivery.Status.CANCELLED, done_at=Now())
     )
     if not changed:
@@ -80,7 +86,7 @@ def upcoming(*, before: datetime, using: str, limit: int) -> dict[int, datetime]
     """Pending deliveries due before ``before``: id -> due time."""
     rows = (
         Delivery.objects.using(using)
-        .filter(status=Delivery.Status.PENDING, due_at__lt=before)
+        .filter(status=Delivery.Status.PENDING, due_at__lt=before, key_prefix=deployment.prefix())
         .order_by("due_at")
         .values_list("id", "due_at")[:limit]
     )
@@ -119,7 +125,7 @@ def claim(ids: Sequence[int], *, term: Term, using: str, ttl: float) -> list[Run
         rows = list(
             Delivery.objects.using(using)
             .select_for_update()
-            .filter(id__in=ids, status=Delivery.Status.PENDING)
+            .filter(id__in=ids, status=Delivery.Status.PENDING, key_prefix=deployment.prefix())
             .values_list("id", "task", "message", "due_at")
         )
         if not rows:
@@ -147,4 +153,5 @@ def _decoded(message: str) -> dict[str, Any]:
 
 def pending_count(*, using: str) -> int:
     """How many deliveries wait for their time (a read)."""
-    return Delivery.objects.using(using).filter(status=Delivery.Status.PENDING).count()
+    rows = Delivery.objects.using(using).filter(key_prefix=deployment.prefix())
+    return rows.filter(status=Delivery.Status.PENDING).count()

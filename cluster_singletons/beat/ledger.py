@@ -5,6 +5,8 @@ same transaction as the runs.
 
 Invariants:
 
+- ``schedule`` is stored under ``key_prefix`` (``deployment``): each deployment sharing
+  the database reads and writes only its own rows; callers pass and get keys unprefixed.
 - ``(schedule, tick)`` is unique, so a tick is recorded, and therefore dispatched, at most
   once whoever leads; a clash (a backfill or run-now already took the tick) drops only the
   clashing intent.
@@ -46,6 +48,7 @@ from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models import Q
 from django.db.models.functions import Now
 
+from cluster_singletons import deployment
 from cluster_singletons.cluster import fencing
 from cluster_singletons.cluster.fencing import Term
 from cluster_singletons.models import Run, ScheduleRecord
@@ -105,7 +108,8 @@ class Intent:
         )
 
     def row(self, epoch: int | None) -> Run:
-        return Run(schedule=self.schedule, tick=self.tick, **self.fields(epoch))
+        """The row as stored: its key under this deployment's ``key_prefix``."""
+        return Run(schedule=deployment.stored(self.schedule), tick=self.tick, **self.fields(epoch))
 
     def fields(self, epoch: int | None) -> dict[str, Any]:
         """The row's columns besides its identity (``schedule``, ``tick``)."""
@@ -117,7 +121,7 @@ class Intent:
             status=self.status,
             reason=self.reason,
             task=self.task,
-            task_id=task_id(self.schedule, self.tick) if dispatches else "",
+            task_id=task_id(deployment.stored(self.schedule), self.tick) if dispatches else "",
             message=json.dumps(
                 {"args": list(self.args), "kwargs": self.kwargs, "options": self.options},
                 default=str,
@@ -133,7 +137,9 @@ def revive_skipped(intents: Iterable[Intent], *, using: str) -> int:
     of skipped ticks); returns how many rows changed."""
     return sum(
         Run.objects.using(using)
-        .filter(schedule=intent.schedule, tick=intent.tick, status=Run.Status.SKIPPED)
+        .filter(
+            schedule=deployment.stored(intent.schedule), tick=intent.tick, status=Run.Status.SKIPPED
+        )
         .update(**intent.fields(epoch=None))
         for intent in intents
     )
@@ -170,9 +176,20 @@ def record(
             with connection.cursor() as cursor:
                 cursor.executemany(
                     _upsert_last_tick_sql(using),
-                    [(key, adapt(tick), False, "", "", "") for key, tick in last_ticks.items()],
+                    [
+                        (deployment.stored(key), adapt(tick), False, "", "", "")
+                        for key, tick in last_ticks.items()
+                    ],
                 )
-    return created
+    return _loaded(created)
+
+
+def _loaded(rows: list[Run]) -> list[Run]:
+    """Rows read or written, their ``schedule`` as the code knows it (without the prefix;
+    rows are changed by task id, never saved back)."""
+    for row in rows:
+        row.schedule = deployment.loaded(row.schedule)
+    return rows
 
 
 _RUN_COLUMNS = (
@@ -247,10 +264,12 @@ def fail(reasons: dict[str, str], *, using: str) -> None:
 def pending(*, until: datetime, using: str, limit: int = 1000) -> list[Run]:
     """Intents recorded but never marked published whose tick is due by ``until``, oldest
     first (the leader records ticks a little ahead; those wait for their time)."""
-    return list(
-        Run.objects.using(using)
-        .filter(status=Run.Status.PENDING, tick__lte=until)
-        .order_by("created_at", "id")[:limit]
+    return _loaded(
+        list(
+            Run.objects.using(using)
+            .filter(deployment.schedules("schedule"), status=Run.Status.PENDING, tick__lte=until)
+            .order_by("created_at", "id")[:limit]
+        )
     )
 
 
@@ -282,7 +301,7 @@ def prune(*, before: datetime, using: str) -> int:
     """Delete rows created before ``before``, except intents still waiting to be published."""
     deleted, _ = (
         Run.objects.using(using)
-        .filter(created_at__lt=before)
+        .filter(deployment.schedules("schedule"), created_at__lt=before)
         .exclude(status=Run.Status.PENDING)
         .delete()
     )
@@ -291,7 +310,8 @@ def prune(*, before: datetime, using: str) -> int:
 
 def pending_count(*, using: str) -> int:
     """How many intents wait to be published (a read)."""
-    return Run.objects.using(using).filter(status=Run.Status.PENDING).count()
+    rows = Run.objects.using(using).filter(deployment.schedules("schedule"))
+    return rows.filter(status=Run.Status.PENDING).count()
 
 
 def open_runs(*, since: datetime, using: str) -> list[tuple[str, str, datetime]]:
@@ -299,12 +319,12 @@ def open_runs(*, since: datetime, using: str) -> list[tuple[str, str, datetime]]
     finished, oldest first (a read)."""
     rows = (
         Run.objects.using(using)
-        .filter(created_at__gte=since)
+        .filter(deployment.schedules("schedule"), created_at__gte=since)
         .exclude(status__in=Run.FINISHED)
         .order_by("id")
         .values_list("task_id", "schedule", "created_at")
     )
-    return list(rows)
+    return [(task, deployment.loaded(key), created) for task, key, created in rows]
 
 
 #: (schedule, tick, status, task id, created at) of a row a leader recorded.
@@ -314,17 +334,24 @@ Recorded = tuple[str, datetime, str, str, datetime]
 def recorded_since(since: datetime | None, *, using: str) -> list[Recorded]:
     """The scheduled runs and skipped ticks created since ``since`` (None: every one),
     by tick (a read: how a standby follows the leader's ledger)."""
-    rows = Run.objects.using(using).filter(kind=Run.Kind.SCHEDULED).exclude(status=Run.Status.ERROR)
+    rows = (
+        Run.objects.using(using)
+        .filter(deployment.schedules("schedule"), kind=Run.Kind.SCHEDULED)
+        .exclude(status=Run.Status.ERROR)
+    )
     if since is not None:
         rows = rows.filter(created_at__gte=since)
     fields = ("schedule", "tick", "status", "task_id", "created_at")
-    return list(rows.order_by("tick").values_list(*fields))
+    return [
+        (deployment.loaded(key), tick, status, task, created)
+        for key, tick, status, task, created in rows.order_by("tick").values_list(*fields)
+    ]
 
 
 def newest(*, using: str) -> datetime | None:
     """When the newest row was created (a read; None: the ledger is empty)."""
-    rows = Run.objects.using(using).order_by("-created_at").values_list("created_at", flat=True)
-    return rows.first()
+    rows = Run.objects.using(using).filter(deployment.schedules("schedule"))
+    return rows.order_by("-created_at").values_list("created_at", flat=True).first()
 
 
 def covered(
@@ -334,7 +361,7 @@ def covered(
     (a read; skipped and failed-to-build rows are not coverage)."""
     rows = (
         Run.objects.using(using)
-        .filter(schedule=key, tick__gte=start)
+        .filter(schedule=deployment.stored(key), tick__gte=start)
         .filter(Q(first_tick__isnull=True, tick__lte=end) | Q(first_tick__lte=end))
         .exclude(status__in=[Run.Status.SKIPPED, Run.Status.ERROR])
         .values_list("first_tick", "tick")

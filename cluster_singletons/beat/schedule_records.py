@@ -11,6 +11,9 @@ Statements and their invariants:
 - ``note_problems``: fenced on the beat's term: a problem cleared once its schedule runs
   again, or ``catalog.DELETED`` once no source defines it; only existing records change.
 
+Keys are stored under ``key_prefix`` (``deployment``): each deployment sees its own
+records; callers pass and get keys unprefixed.
+
 A record's ``last_tick`` is written by the ledger, in the same fenced transaction as the
 runs it accounts for.
 """
@@ -20,11 +23,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Container, Iterable, Sequence
 from datetime import datetime
+from typing import TypeVar
 
 from django.db import transaction
 from django.db.models import Q
 
-from cluster_singletons import metrics
+from cluster_singletons import deployment, metrics
 from cluster_singletons.beat.ledger import Intent, record
 from cluster_singletons.beat.schedule import Schedule
 from cluster_singletons.cluster import fencing
@@ -32,6 +36,7 @@ from cluster_singletons.cluster.fencing import Term
 from cluster_singletons.models import SCHEDULE_KEY_MAX, Run, ScheduleRecord
 
 logger = logging.getLogger("cluster_singletons.beat")
+T = TypeVar("T")
 
 #: Schedules looked up by key up to this many; more (a first load): one scan.
 _BY_KEY = 1000
@@ -44,15 +49,19 @@ def last_ticks(keys: list[str], *, using: str) -> dict[str, datetime | None]:
     if len(keys) > _BY_KEY:  # one scan beats thousands of IN lists
         wanted = set(keys)
         with _scanning(using):
-            rows = records.values_list("key", "last_tick").iterator(chunk_size=_CHUNK)
-            return {key: tick for key, tick in rows if key in wanted}
-    return dict(records.filter(key__in=keys).values_list("key", "last_tick"))
+            rows = (
+                records.filter(_mine()).values_list("key", "last_tick").iterator(chunk_size=_CHUNK)
+            )
+            found = ((deployment.loaded(key), tick) for key, tick in rows)
+            return {key: tick for key, tick in found if key in wanted}
+    stored = [deployment.stored(key) for key in keys]
+    return _by_key(records.filter(key__in=stored).values_list("key", "last_tick"))
 
 
 def paused_ticks(*, using: str) -> dict[str, datetime | None]:
     """The paused schedules and the last tick their records say passed (a read)."""
-    rows = ScheduleRecord.objects.using(using).filter(paused=True)
-    return dict(rows.values_list("key", "last_tick"))
+    rows = ScheduleRecord.objects.using(using).filter(_mine(), paused=True)
+    return _by_key(rows.values_list("key", "last_tick"))
 
 
 def flag(
@@ -72,14 +81,19 @@ def flag(
             logger.error("schedule %s cannot run: %s", schedule.key, schedule.problem)
         metrics.SCHEDULE_ERRORS.labels(metrics.schedule_label(schedule.key)).inc()
     # A key too long to store is only logged: it has no record to hold it.
-    problems = {s.key: s.problem for s in schedules if len(s.key) <= SCHEDULE_KEY_MAX}
+    problems = {
+        s.key: s.problem for s in schedules if len(deployment.stored(s.key)) <= SCHEDULE_KEY_MAX
+    }
     intents = [
         Intent(schedule=key, tick=at, status=Run.Status.ERROR, reason=problem)
         for key, problem in problems.items()
     ]
     with fencing.fenced(term, using=using, ttl=ttl):
         ScheduleRecord.objects.using(using).bulk_create(
-            [ScheduleRecord(key=key, problem=problem) for key, problem in problems.items()],
+            [
+                ScheduleRecord(key=deployment.stored(key), problem=problem)
+                for key, problem in problems.items()
+            ],
             update_conflicts=True,
             unique_fields=["key"],
             update_fields=["problem"],
@@ -90,22 +104,31 @@ def flag(
 def set_paused(key: str, note: str | None, *, using: str) -> None:
     """Pause schedule ``key`` with ``note`` saying why, or resume it (``None``)."""
     ScheduleRecord.objects.using(using).update_or_create(
-        key=key, defaults={"paused": note is not None, "pause_note": note or ""}
+        key=deployment.stored(key), defaults={"paused": note is not None, "pause_note": note or ""}
     )
 
 
 def problems(*, using: str, excluding: Iterable[str] = ()) -> dict[str, str]:
     """The schedules whose record states a problem (other than those ``excluding``), and
     the problem (a read)."""
-    rows = ScheduleRecord.objects.using(using).exclude(problem__in=["", *excluding])
-    return dict(rows.values_list("key", "problem"))
+    rows = ScheduleRecord.objects.using(using).filter(_mine()).exclude(problem__in=["", *excluding])
+    return _by_key(rows.values_list("key", "problem"))
 
 
 def record_keys(*, using: str) -> set[str]:
     """Every schedule key with a record (a read, at the start of a term)."""
-    rows = ScheduleRecord.objects.using(using).values_list("key", flat=True)
+    rows = ScheduleRecord.objects.using(using).filter(_mine()).values_list("key", flat=True)
     with _scanning(using):
-        return set(rows.iterator(chunk_size=_CHUNK))
+        return {deployment.loaded(key) for key in rows.iterator(chunk_size=_CHUNK)}
+
+
+def _mine() -> Q:
+    return deployment.schedules("key")
+
+
+def _by_key(rows: Iterable[tuple[str, T]]) -> dict[str, T]:
+    """Stored (key, value) pairs of this deployment, by the key the code knows."""
+    return {deployment.loaded(key): value for key, value in rows}
 
 
 def _scanning(using: str) -> transaction.Atomic:
@@ -123,7 +146,7 @@ def note_problems(notes: dict[str, str], *, term: Term, using: str, ttl: float) 
         return
     by_text: dict[str, list[str]] = {}
     for key, text in notes.items():
-        by_text.setdefault(text, []).append(key)
+        by_text.setdefault(text, []).append(deployment.stored(key))
     with fencing.fenced(term, using=using, ttl=ttl):
         for text, keys in by_text.items():
             rows = ScheduleRecord.objects.using(using).filter(key__in=keys)
@@ -134,12 +157,13 @@ def operator_settings(*, using: str) -> tuple[frozenset[str], dict[str, tuple[st
     """What operators set on schedule records, in one read: the paused keys, and the
     overrides (key -> overlap or "", catch-up horizon or None) of records that set either."""
     rows = ScheduleRecord.objects.using(using).filter(
-        Q(paused=True) | ~Q(overlap="") | Q(skip_if_older_than__isnull=False)
+        _mine(), Q(paused=True) | ~Q(overlap="") | Q(skip_if_older_than__isnull=False)
     )
     paused, overrides = set(), {}
     for key, is_paused, overlap, skip in rows.values_list(
         "key", "paused", "overlap", "skip_if_older_than"
     ):
+        key = deployment.loaded(key)
         if is_paused:
             paused.add(key)
         if overlap or skip is not None:

@@ -5,6 +5,8 @@ Invariants:
 
 - ``beat_at`` / ``failed_at`` are the database's clock at the execution they record.
 - A write touches only the named row; the counters only ever grow.
+- Names are stored under ``key_prefix`` (``deployment``); callers pass and get them
+  unprefixed, and see only their deployment's rows.
 - Not fenced, and safe for a deposed leader: a heartbeat is a report, not an effect. It
   carries the writer's runner id and epoch, so a late heartbeat of a deposed leader shows
   as its own; the status it can keep green lasts at most until the next leader's first
@@ -19,7 +21,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.db.models.functions import Now
 
-from cluster_singletons import metrics
+from cluster_singletons import deployment, metrics
 from cluster_singletons.conf import get_settings
 from cluster_singletons.models import Heartbeat
 
@@ -46,13 +48,14 @@ def record(
     if duration is not None:
         metrics.EXECUTION_SECONDS.labels(label).observe(duration)
     fields = {"runner_id": runner_id, "epoch": epoch, "expected_interval": interval, **changes}
-    rows = Heartbeat.objects.using(db).filter(name=name)
+    stored = deployment.stored(name)
+    rows = Heartbeat.objects.using(db).filter(name=stored)
     if rows.update(**fields):
         return
     try:
         with transaction.atomic(using=db):
             Heartbeat.objects.using(db).create(
-                name=name,
+                name=stored,
                 runner_id=runner_id,
                 epoch=epoch,
                 expected_interval=interval,
@@ -67,5 +70,6 @@ def record(
 
 
 def by_name(*, using: str) -> dict[str, Heartbeat]:
-    """Every heartbeat row, by name (a read)."""
-    return {row.name: row for row in Heartbeat.objects.using(using).all()}
+    """This deployment's heartbeats, by name without the ``key_prefix`` (a read)."""
+    rows = Heartbeat.objects.using(using).filter(deployment.heartbeats())
+    return {deployment.loaded(row.name): row for row in rows}

@@ -41,6 +41,7 @@ from django.db.models import (
 from django.db.models.expressions import CombinedExpression, RawSQL
 from django.db.models.functions import Now
 
+from cluster_singletons import deployment
 from cluster_singletons.cluster.crash_detection import RELEASE_CHANNEL
 from cluster_singletons.cluster.fencing import Term, bounded
 from cluster_singletons.cluster.membership import runner_is_gone
@@ -239,6 +240,7 @@ def rows(*, using: str) -> list[dict[str, Any]]:
 
 
 def recent_changes(*, using: str, limit: int = 10) -> list[Lease]:
-    """The leases most recently acquired, newest first (a read)."""
-    found = Lease.objects.using(using).exclude(acquired_at=None).select_related("holder")
+    """This deployment's leases most recently acquired, newest first (a read)."""
+    found = Lease.objects.using(using).filter(deployment.leases()).exclude(acquired_at=None)
+    found = found.select_related("holder")
     return list(found.order_by("-acquired_at")[:limit])

@@ -13,7 +13,8 @@ Invariants:
   ``mark_stopping``, ``set_crash_detection``, ``deregister``) or registrations long dead
   (``forget_stale``), and none decides who leads: leases do.
 
-``live_view`` and ``rows`` are reads.
+``live_view`` and ``rows`` are reads, of this deployment's registrations only
+(``key_prefix``, stored with each).
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ import datetime as dt
 from datetime import datetime
 
 from django.db import connections
-from django.db.models import BooleanField, Count, Q
+from django.db.models import BooleanField, Count, Q, QuerySet
 from django.db.models.expressions import RawSQL
 from django.db.models.functions import Now
 
+from cluster_singletons import deployment
 from cluster_singletons.cluster.fencing import database_now, database_time, now_sql
 from cluster_singletons.models import Runner
 
@@ -52,7 +54,8 @@ def runner_is_gone(runner: str) -> RawSQL:
 
 def register(*, host: str, pid: int, kind: str, using: str) -> int:
     """Insert a registration and return its id (unique for the life of the table)."""
-    return Runner.objects.using(using).create(host=host, pid=pid, kind=kind).pk
+    rows = Runner.objects.using(using)
+    return rows.create(host=host, pid=pid, kind=kind, key_prefix=deployment.prefix()).pk
 
 
 #: Backends whose UPDATE returns what it wrote (``RETURNING``): one statement per touch.
@@ -116,9 +119,7 @@ def live_view(
 ) -> dict[int, int]:
     """Live runners (seen within ``ttl``, not stopping, not known dead) and how many
     unexpired leases named ``lease_prefix…`` each holds."""
-    fresh = Runner.objects.using(using).filter(
-        last_seen__gt=Now() - dt.timedelta(seconds=ttl), stopping=False
-    )
+    fresh = _mine(using).filter(last_seen__gt=Now() - dt.timedelta(seconds=ttl), stopping=False)
     if crash_detection:
         fresh = fresh.exclude(runner_is_gone(f'"{Runner._meta.db_table}"'))
     counted = fresh.annotate(
@@ -131,12 +132,18 @@ def live_view(
 
 
 def rows(*, using: str) -> list[Runner]:
-    """Every registration, oldest first (a read, for reports). Each has ``session_gone``:
-    on PostgreSQL, whether its liveness lock is no longer held (its process or connection
-    died: ``runner_is_gone``); elsewhere always False."""
-    found = Runner.objects.using(using).order_by("id")
+    """This deployment's registrations, oldest first (a read, for reports). Each has
+    ``session_gone``: on PostgreSQL, whether its liveness lock is no longer held (its
+    process or connection died: ``runner_is_gone``); elsewhere always False."""
+    found = _mine(using).order_by("id")
     if connections[using].vendor == "postgresql":
         gone = runner_is_gone(f'"{Runner._meta.db_table}"')
     else:
         gone = RawSQL("%s", (False,), output_field=BooleanField())
     return list(found.annotate(session_gone=gone))
+
+
+def _mine(using: str) -> QuerySet[Runner]:
+    """This deployment's registrations: another ``key_prefix``'s runners never take its
+    leases, so they count nowhere (placement, health)."""
+    return Runner.objects.using(using).filter(key_prefix=deployment.prefix())

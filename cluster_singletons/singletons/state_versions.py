@@ -69,24 +69,89 @@ def decode(model: type[BaseModel], text: str, stored_version: int) -> Decoded:
     Raises ``DecodeError`` for invalid JSON, a version newer than the code knows (never
     truncated silently), an upgrade that fails, or a value the model rejects.
     """
-    target = version_of(model)
-    if stored_version > target:
-        raise DecodeError(
-            f"stored schema version {stored_version} is newer than {model.__name__}'s "
-            f"{target}: deploy the newer code, or reset the state"
-        )
+    _refuse_newer(model, stored_version)
     try:
         data = json.loads(text)
     except ValueError as exc:
         raise DecodeError(f"stored value is not valid JSON: {exc}") from exc
+    return _decode_data(model, data, stored_version, refuse_unknown=False)
+
+
+#: The keys of an exported value: ``{"schema_version": n, "value": {...}}``.
+ENVELOPE = frozenset({"schema_version", "value"})
+
+
+def exported(text: str, stored_version: int) -> str:
+    """A stored value as exported: with the schema version it was stored at."""
+    try:
+        value: Any = json.loads(text)
+    except ValueError as exc:
+        raise DecodeError(f"stored value is not valid JSON: {exc}") from exc
+    return json.dumps({"schema_version": stored_version, "value": value})
+
+
+def decode_import(model: type[BaseModel], text: str, version: int | None = None) -> BaseModel:
+    """An operator's value for ``model``: an export (``ENVELOPE``, decoded through the
+    upgrades from its version), or a bare value at ``version`` (None: the model's own).
+
+    Stricter than ``decode``: a field the model does not know is refused, never dropped.
+    Raises ``DecodeError``.
+    """
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise DecodeError(f"not valid JSON: {exc}") from exc
+    if isinstance(data, dict) and set(data) == ENVELOPE:
+        version, data = data["schema_version"], data["value"]
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise DecodeError(f"schema_version must be an int >= 1, not {version!r}")
+    version = version_of(model) if version is None else version
+    _refuse_newer(model, version)
+    return _decode_data(model, data, version, refuse_unknown=True).value
+
+
+def _refuse_newer(model: type[BaseModel], version: int) -> None:
+    if version > version_of(model):
+        raise DecodeError(
+            f"schema version {version} is newer than {model.__name__}'s "
+            f"{version_of(model)}: deploy the newer code, or reset the state"
+        )
+
+
+def _decode_data(
+    model: type[BaseModel], data: Any, version: int, *, refuse_unknown: bool
+) -> Decoded:
+    target = version_of(model)
     steps = upgrades_of(model)
-    for version in range(stored_version, target):
+    for step in range(version, target):
         try:
-            data = steps[version](data)
+            data = steps[step](data)
         except Exception as exc:
-            raise DecodeError(f"upgrade from version {version} failed: {exc!r}") from exc
+            raise DecodeError(f"upgrade from version {step} failed: {exc!r}") from exc
+    if refuse_unknown:
+        _refuse_unknown(model, data)
     try:
         value = model.model_validate(data)
     except ValidationError as exc:
-        raise DecodeError(f"stored value does not match {model.__name__}: {exc}") from exc
-    return Decoded(value=value, upgraded_from=stored_version if stored_version < target else None)
+        what = "value" if refuse_unknown else "stored value"
+        raise DecodeError(f"{what} does not match {model.__name__}: {exc}") from exc
+    return Decoded(value=value, upgraded_from=version if version < target else None)
+
+
+def _refuse_unknown(model: type[BaseModel], data: Any) -> None:
+    """A field ``model`` does not know (at its own version) is an error, not a drop."""
+    if not isinstance(data, dict) or model.model_config.get("extra") == "allow":
+        return
+    known = set()
+    for name, info in model.model_fields.items():
+        known.add(name)
+        if isinstance(info.alias, str):
+            known.add(info.alias)
+        if isinstance(info.validation_alias, str):
+            known.add(info.validation_alias)
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise DecodeError(
+            f"{model.__name__} has no field {', '.join(map(repr, unknown))} "
+            f"(its fields: {', '.join(sorted(model.model_fields)) or 'none'})"
+        )

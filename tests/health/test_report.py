@@ -115,6 +115,15 @@ def test_ready_shows_detail_only_to_staff_or_the_token(settings: Any) -> None:
     assert b"cluster_runners " in scraped.content
 
 
+def test_the_bearer_scheme_is_case_insensitive(settings: Any) -> None:
+    settings.CLUSTER_SINGLETONS = {"health_token": "s3cret"}
+    for header in ("bearer s3cret", "BEARER s3cret", "Bearer  s3cret"):
+        scraped = Client().get("/cluster/metrics", HTTP_AUTHORIZATION=header)
+        assert scraped.status_code == 200, header
+    for header in ("Bearer S3CRET", "Basic s3cret", "Bearers3cret", "bearer"):
+        assert Client().get("/cluster/metrics", HTTP_AUTHORIZATION=header).status_code == 401
+
+
 _DOWN = """
 import django, json, os
 django.setup()

@@ -101,9 +101,9 @@ def test_run_now_pause_and_resume(app: Celery, hourly: PeriodicTask) -> None:  #
 def test_prune_keeps_unpublished_intents(settings: Any) -> None:
     old = datetime.now(UTC) - timedelta(days=40)
     for i, status in enumerate(["succeeded", "skipped", "pending"]):
-        Run.objects.create(schedule="s", tick=old + timedelta(seconds=i), status=status)
+        Run.objects.create(schedule="beat:s", tick=old + timedelta(seconds=i), status=status)
     Run.objects.update(created_at=old)
-    Run.objects.create(schedule="s", tick=datetime.now(UTC), status="succeeded")
+    Run.objects.create(schedule="beat:s", tick=datetime.now(UTC), status="succeeded")
     assert _call("cluster_prune", "--older-than", "30d").strip() == "deleted 2 ledger row(s)"
     assert sorted(Run.objects.values_list("status", flat=True)) == ["pending", "succeeded"]
     assert control.parse_duration("2w") == 14 * 86400

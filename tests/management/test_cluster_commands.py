@@ -105,7 +105,8 @@ def test_reset_asks_and_keeps_history(
 def test_state_show_export_and_a_validated_import(tmp_path: Any) -> None:
     shown = json.loads(_call("singleton_state", "show", "progress"))
     assert (shown["version"], shown["value"]) == (1, {"cursor": 7})
-    assert json.loads(_call("singleton_state", "export", "progress")) == {"cursor": 7}
+    exported = json.loads(_call("singleton_state", "export", "progress"))
+    assert exported == {"schema_version": 1, "value": {"cursor": 7}}
     bad = tmp_path / "bad.json"
     bad.write_text('{"cursor": "many"}')
     with pytest.raises(CommandError, match="refused, nothing was written"):

@@ -8,18 +8,20 @@ from pathlib import Path
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from pydantic import ValidationError
 
 from cluster_singletons import control
+from cluster_singletons.errors import StateImportRefused
 from cluster_singletons.management.base import clear_errors
 
 
 class Command(BaseCommand):
     help = (
-        "show NAME: the stored state with its versions and status; export NAME [FILE]: the "
-        "value as JSON (stdout by default); import NAME FILE ('-' for stdin): replace the "
-        "value after validating it against the singleton's model (nothing is written if it "
-        "is invalid; the old value goes to history). Unknown names exit 2."
+        "show NAME: the stored state with its versions and status; export NAME [FILE]: "
+        '{"schema_version": n, "value": ...} as JSON (stdout by default); import NAME FILE '
+        "('-' for stdin): replace the value after decoding it through the model's upgrades "
+        "(a bare value is read at the model's version; a newer version, an unknown field or "
+        "an invalid value is refused and nothing is written; the old value goes to history). "
+        "Unknown names exit 2."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -40,18 +42,19 @@ class Command(BaseCommand):
                 raise ValueError(f"cannot read {file}: {exc.strerror or exc}") from exc
             try:
                 imported = control.import_state(name, text, options["note"])
-            except ValidationError as exc:
+            except StateImportRefused as exc:
                 raise CommandError(f"refused, nothing was written: {exc}") from exc
             self.stdout.write(f"imported into {name!r}: {imported.model_dump_json()}")
             return
-        row = control.state_row(name)
-        value = row.value if row else control.singleton_store(name).model().model_dump_json()
         if action == "export":
+            exported = control.export_state(name)
             if file:
-                Path(file).write_text(value + "\n")
+                Path(file).write_text(exported + "\n")
             else:
-                self.stdout.write(value)
+                self.stdout.write(exported)
             return
+        row = control.state_row(name)
+        value = control.singleton_store(name).model().model_dump_json()
         if row is None:
             self.stdout.write(f"{name}: nothing stored (defaults) {value}")
             return
