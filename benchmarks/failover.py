@@ -115,8 +115,15 @@ class Procs:
     def start(self, tag: str, cmd: list[str], env: dict[str, str], cwd: Path) -> Child:
         log = self.tmp / f"{tag}-{len(self.all) + 1}.log"
         with log.open("wb") as out:
-            proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
+            proc = subprocess.Popen(
+                cmd,
+                cwd=cwd,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         self.all.append(Child(proc, log))
         return self.all[-1]
 
@@ -128,8 +135,7 @@ class Procs:
 def summary(times: list[float], attempts: int) -> dict[str, Any]:
     """n measured of ``attempts``; median, nearest-rank p95, min, max (s, 3 decimals)."""
     if not times:
-        return {"n": 0, "attempts": attempts, "median": None, "p95": None, "min": None,
-                "max": None}
+        return {"n": 0, "attempts": attempts, "median": None, "p95": None, "min": None, "max": None}
     s = sorted(times)
     p95 = s[max(0, math.ceil(0.95 * len(s)) - 1)]
     stats = {"median": statistics.median(s), "p95": p95, "min": s[0], "max": s[-1]}
@@ -144,20 +150,25 @@ class Database:
 
     def __init__(self, kind: str, tmp: Path, pooler: str | None = None) -> None:
         self.kind = kind
-        self.env = {k: v for k, v in os.environ.items()
-                    if k not in {"CLUSTER_SINGLETONS_JSON", "DATABASE_URL"}}
+        self.env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in {"CLUSTER_SINGLETONS_JSON", "DATABASE_URL"}
+        }
         self.env.update(CLUSTER_VAR_DIR=str(tmp), PYTHONUNBUFFERED="1")
         self.bouncer: PgBouncer | None = None
         if kind == "postgres":
             drop_pg_db(create=True)
             self.env["DATABASE_URL"] = f"postgres://postgres@127.0.0.1:5432/{PG_BENCH_DB}"
-        subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=REPO, env=self.env,
-                       check=True)
+        subprocess.run(
+            [sys.executable, "manage.py", "migrate", "-v0"], cwd=REPO, env=self.env, check=True
+        )
         if pooler == "pgbouncer":  # the runners connect through it; this process directly
             self.bouncer = PgBouncer(("127.0.0.1", 5432), user="postgres")
             self.bouncer.start()
             self.env["DATABASE_URL"] = (
-                f"postgres://postgres@127.0.0.1:{self.bouncer.port}/{PG_BENCH_DB}")
+                f"postgres://postgres@127.0.0.1:{self.bouncer.port}/{PG_BENCH_DB}"
+            )
         if kind == "postgres":
             self.conn: Any = psycopg.connect(f"{PG_SERVER}/{PG_BENCH_DB}", autocommit=True)
             self.version = "PostgreSQL " + self.one("SHOW server_version")[0]
@@ -176,9 +187,11 @@ class Database:
     def stuck_writer(self) -> bool:
         """Whether some session sits inside an open write transaction right now."""
         if self.kind == "postgres":
-            row = self.one("SELECT count(*) FROM pg_stat_activity"
-                           " WHERE datname = current_database()"
-                           " AND state LIKE 'idle in transaction%'")
+            row = self.one(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database()"
+                " AND state LIKE 'idle in transaction%'"
+            )
             return bool(row and row[0])
         self.conn.execute("PRAGMA busy_timeout = 0")
         try:
@@ -212,8 +225,11 @@ class Cluster:
             cmd = [sys.executable, "manage.py", "runcluster"]
             self.live.append(self.procs.start("runner", cmd, self.db.env, REPO))
         for p in self.live:
-            wait_for(f"runner pid {p.pid} to register",
-                     lambda p=p: re.search(r"runner \d+ registered", p.text()), 60)
+            wait_for(
+                f"runner pid {p.pid} to register",
+                lambda p=p: re.search(r"runner \d+ registered", p.text()),
+                60,
+            )
 
     def leader(self) -> tuple[int, Child]:
         runner_id, pid = wait_for("'beat' to have a holder", self.db.holder, 60)
@@ -235,8 +251,12 @@ class Cluster:
 
 def run_ours(cluster: Cluster, trials: int, rng: random.Random) -> dict[str, Any]:
     s = SETTINGS
-    times: dict[str, list[float]] = {"sigkill": [], "sigstop": [], "sigterm": [],
-                                     "sigstop_stepdown": []}
+    times: dict[str, list[float]] = {
+        "sigkill": [],
+        "sigstop": [],
+        "sigterm": [],
+        "sigstop_stepdown": [],
+    }
     notes: dict[str, dict[str, int]] = {name: {} for name in times}
     attempts = dict.fromkeys(times, 0)
 
@@ -244,8 +264,11 @@ def run_ours(cluster: Cluster, trials: int, rng: random.Random) -> dict[str, Any
         notes[case][what] = notes[case].get(what, 0) + 1
 
     for i in range(trials):
-        for case, sig in (("sigkill", signal.SIGKILL), ("sigstop", signal.SIGSTOP),
-                          ("sigterm", signal.SIGTERM)):
+        for case, sig in (
+            ("sigkill", signal.SIGKILL),
+            ("sigstop", signal.SIGSTOP),
+            ("sigterm", signal.SIGTERM),
+        ):
             cluster.fill()
             old_id, proc = cluster.leader()
             time.sleep(1.0 + rng.uniform(0, s.renew_interval))
@@ -256,9 +279,12 @@ def run_ours(cluster: Cluster, trials: int, rng: random.Random) -> dict[str, Any
             attempts[case] += 1
             limit = s.lease_ttl + (8 if sig == signal.SIGSTOP else s.renew_interval + 10)
             took = cluster.takeover(old_id, t0, limit)
-            print(f"  trial {i + 1} {case}: "
-                  + (f"{took:.3f}s" if took is not None else f"no takeover in {limit:.0f}s"),
-                  file=sys.stderr, flush=True)
+            print(
+                f"  trial {i + 1} {case}: "
+                + (f"{took:.3f}s" if took is not None else f"no takeover in {limit:.0f}s"),
+                file=sys.stderr,
+                flush=True,
+            )
             if sig == signal.SIGKILL:
                 proc.proc.wait(10)
             elif sig == signal.SIGTERM:
@@ -267,16 +293,23 @@ def run_ours(cluster: Cluster, trials: int, rng: random.Random) -> dict[str, Any
             else:
                 if took is None:
                     stuck = cluster.db.stuck_writer()
-                    note(case, "aborted (stopped inside a write transaction)" if stuck
-                         else "aborted (no takeover, no stuck write transaction seen)")
+                    note(
+                        case,
+                        "aborted (stopped inside a write transaction)"
+                        if stuck
+                        else "aborted (no takeover, no stuck write transaction seen)",
+                    )
                 mark = len(proc.text())
                 t_cont = time.monotonic()
                 os.kill(proc.pid, signal.SIGCONT)
                 if took is not None:
                     attempts["sigstop_stepdown"] += 1
                     try:
-                        wait_for(f"pid {proc.pid} to step down",
-                                 lambda p=proc, m=mark: "steps down" in p.text(m), 30)
+                        wait_for(
+                            f"pid {proc.pid} to step down",
+                            lambda p=proc, m=mark: "steps down" in p.text(m),
+                            30,
+                        )
                         times["sigstop_stepdown"].append(time.monotonic() - t_cont)
                     except TimeoutError:
                         note("sigstop_stepdown", "no 'steps down' logged within 30s")
@@ -286,8 +319,7 @@ def run_ours(cluster: Cluster, trials: int, rng: random.Random) -> dict[str, Any
                 times[case].append(took)
             elif sig != signal.SIGSTOP:
                 note(case, f"no takeover within {limit:.0f}s")
-    return {case: {**summary(t, attempts[case]), "notes": notes[case]}
-            for case, t in times.items()}
+    return {case: {**summary(t, attempts[case]), "notes": notes[case]} for case, t in times.items()}
 
 
 # -- redbeat -------------------------------------------------------------------------------
@@ -299,18 +331,37 @@ def send_times(beat: Child) -> list[datetime]:
     return [datetime.strptime(m, "%Y-%m-%d %H:%M:%S,%f") for m in SEND_RE.findall(beat.text())]
 
 
-def run_redbeat_case(procs: Procs, name: str, trials: int, cap: float, rng: random.Random,
-                     lock_timeout: int | None, max_loop: int | None) -> dict[str, Any]:
+def run_redbeat_case(
+    procs: Procs,
+    name: str,
+    trials: int,
+    cap: float,
+    rng: random.Random,
+    lock_timeout: int | None,
+    max_loop: int | None,
+) -> dict[str, Any]:
     """SIGKILL the redbeat lock holder ``trials`` times; stop at the first missed takeover."""
     prefix = f"bench-failover-{os.getpid()}-{name}:"
     lock_key = prefix + ":lock"  # RedBeatConfig: key_prefix + ':lock'
     env = {**os.environ, "PYTHONPATH": str(REPO), "BENCH_REDBEAT_PREFIX": prefix}
-    for var, value in (("BENCH_REDBEAT_LOCK_TIMEOUT", lock_timeout),
-                       ("BENCH_REDBEAT_MAX_LOOP", max_loop)):
+    for var, value in (
+        ("BENCH_REDBEAT_LOCK_TIMEOUT", lock_timeout),
+        ("BENCH_REDBEAT_MAX_LOOP", max_loop),
+    ):
         if value is not None:
             env[var] = str(value)
-    cmd = [sys.executable, "-m", "celery", "-A", "benchmarks.redbeat_app", "beat",
-           "-S", "redbeat.RedBeatScheduler", "--loglevel", "INFO"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "benchmarks.redbeat_app",
+        "beat",
+        "-S",
+        "redbeat.RedBeatScheduler",
+        "--loglevel",
+        "INFO",
+    ]
     r = redis.Redis.from_url(REDIS_URL)
     mine: list[Child] = []
 
@@ -343,9 +394,12 @@ def run_redbeat_case(procs: Procs, name: str, trials: int, cap: float, rng: rand
                     took = time.monotonic() - t0
                     break
                 time.sleep(POLL)
-            print(f"  redbeat {name} trial {i + 1}: "
-                  + (f"{took:.3f}s" if took is not None else f"no takeover in {cap:.0f}s"),
-                  file=sys.stderr, flush=True)
+            print(
+                f"  redbeat {name} trial {i + 1}: "
+                + (f"{took:.3f}s" if took is not None else f"no takeover in {cap:.0f}s"),
+                file=sys.stderr,
+                flush=True,
+            )
             if took is None:
                 result["no_takeover_within_s"] = cap
                 break
@@ -377,15 +431,19 @@ def print_table(rows: list[tuple[str, dict[str, Any], str]]) -> None:
     print("-" * len(head))
     for label, r, extra in rows:
         trials = f"{r['n']}/{r['attempts']}"
-        print(f"{label:<34} {trials:>7} {fmt(r['median']):>9} {fmt(r['p95']):>9} "
-              f"{fmt(r['min']):>9} {fmt(r['max']):>9}  {extra}")
+        print(
+            f"{label:<34} {trials:>7} {fmt(r['median']):>9} {fmt(r['p95']):>9} "
+            f"{fmt(r['min']):>9} {fmt(r['max']):>9}  {extra}"
+        )
 
 
 def machine(db_version: str) -> str:
     cpuinfo = Path("/proc/cpuinfo").read_text()
     model = re.search(r"^model name\s*:\s*(.*)$", cpuinfo, re.M)
-    return (f"machine: nproc={len(os.sched_getaffinity(0))}, cpu={model[1] if model else '?'}, "
-            f"python={platform.python_version()}, db={db_version}")
+    return (
+        f"machine: nproc={len(os.sched_getaffinity(0))}, cpu={model[1] if model else '?'}, "
+        f"python={platform.python_version()}, db={db_version}"
+    )
 
 
 def main() -> None:
@@ -393,18 +451,34 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--db", choices=["sqlite", "postgres"], required=True)
-    parser.add_argument("--trials", type=int, default=None,
-                        help="trials per signal case (default 10); with --schedules, kills"
-                        " (default 3)")
+    parser.add_argument(
+        "--trials",
+        type=int,
+        default=None,
+        help="trials per signal case (default 10); with --schedules, kills (default 3)",
+    )
     parser.add_argument("--redbeat-trials", type=int, default=5)
-    parser.add_argument("--redbeat-cap", type=float, default=120.0,
-                        help="seconds to wait for a redbeat takeover before giving up")
+    parser.add_argument(
+        "--redbeat-cap",
+        type=float,
+        default=120.0,
+        help="seconds to wait for a redbeat takeover before giving up",
+    )
     parser.add_argument("--skip-redbeat", action="store_true")
     parser.add_argument("--seed", type=int, default=None, help="seed of the signal delays")
-    parser.add_argument("--pooler", choices=["pgbouncer"], default=None,
-                        help="runners connect through PgBouncer in transaction mode (postgres)")
-    parser.add_argument("--schedules", type=int, default=None, metavar="N",
-                        help="beat failover end to end at N schedules instead (postgres)")
+    parser.add_argument(
+        "--pooler",
+        choices=["pgbouncer"],
+        default=None,
+        help="runners connect through PgBouncer in transaction mode (postgres)",
+    )
+    parser.add_argument(
+        "--schedules",
+        type=int,
+        default=None,
+        metavar="N",
+        help="beat failover end to end at N schedules instead (postgres)",
+    )
     _beat_failover.add_arguments(parser)
     args = parser.parse_args()
     if args.pooler and args.db != "postgres":
@@ -427,10 +501,18 @@ def main() -> None:
         ours = run_ours(Cluster(procs, db), args.trials, rng)
         redbeat: dict[str, Any] = {}
         if not args.skip_redbeat:
-            redbeat["tuned"] = run_redbeat_case(procs, "tuned", args.redbeat_trials,
-                                                args.redbeat_cap, rng, lock_timeout=10, max_loop=1)
-            redbeat["default"] = run_redbeat_case(procs, "default", 1, args.redbeat_cap, rng,
-                                                  lock_timeout=None, max_loop=None)
+            redbeat["tuned"] = run_redbeat_case(
+                procs,
+                "tuned",
+                args.redbeat_trials,
+                args.redbeat_cap,
+                rng,
+                lock_timeout=10,
+                max_loop=1,
+            )
+            redbeat["default"] = run_redbeat_case(
+                procs, "default", 1, args.redbeat_cap, rng, lock_timeout=None, max_loop=None
+            )
         db_version = db.version
     finally:
         procs.stop_all()
@@ -441,8 +523,10 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
     where = args.db + (f"+{args.pooler}" if args.pooler else "")
-    rows = [(f"ours {where} {case}", r, "; ".join(f"{k}: {v}" for k, v in r["notes"].items()))
-            for case, r in ours.items()]
+    rows = [
+        (f"ours {where} {case}", r, "; ".join(f"{k}: {v}" for k, v in r["notes"].items()))
+        for case, r in ours.items()
+    ]
     for name, r in redbeat.items():
         extra = f"lock ttl {r['lock_ttl_observed_s']}s"
         if "no_takeover_within_s" in r:
@@ -451,21 +535,34 @@ def main() -> None:
             extra += f"; 1s ticks missed per takeover: {r['missed_ticks']}"
         rows.append((f"redbeat {name} sigkill", r, extra))
     print_table(rows)
-    print("(p95 = nearest rank; times from just before os.kill to the first 10 ms poll that shows"
-          " the new holder; sigstop_stepdown = SIGCONT until the old leader logs 'steps down')")
+    print(
+        "(p95 = nearest rank; times from just before os.kill to the first 10 ms poll that shows"
+        " the new holder; sigstop_stepdown = SIGCONT until the old leader logs 'steps down')"
+    )
     print(machine(db_version))
-    keep = ("median", "p95", "n", "attempts", "notes", "lock_ttl_observed_s",
-            "no_takeover_within_s", "missed_ticks")
+    keep = (
+        "median",
+        "p95",
+        "n",
+        "attempts",
+        "notes",
+        "lock_ttl_observed_s",
+        "no_takeover_within_s",
+        "missed_ticks",
+    )
 
     def pick(r: dict[str, Any]) -> dict[str, Any]:
         return {k: r[k] for k in keep if r.get(k) not in (None, {}, [])}
 
     result = {
-        "db": args.db, "pooler": args.pooler, "trials": args.trials,
+        "db": args.db,
+        "pooler": args.pooler,
+        "trials": args.trials,
         "cases": {case: pick(r) for case, r in ours.items()},
         "redbeat": {name: pick(r) for name, r in redbeat.items()},
-        "settings": SETTINGS.model_dump(include={"lease_ttl", "renew_interval",
-                                                 "acquire_interval", "crash_detection"}),
+        "settings": SETTINGS.model_dump(
+            include={"lease_ttl", "renew_interval", "acquire_interval", "crash_detection"}
+        ),
     }
     print("RESULT " + json.dumps(result, separators=(",", ":")))
 

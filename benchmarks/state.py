@@ -61,8 +61,9 @@ TARGET_RATIO = 2.0
 RAW_SQL = "UPDATE cluster_singletons_staterecord SET value=%s, version=version+1 WHERE key=%s"
 CASES = ("raw", "fenced", "unfenced")
 WRITE_VERBS = ("stmt UPDATE", "stmt INSERT", "stmt DELETE")
-PG_LEASE_UPDATES = ("SELECT n_tup_upd FROM pg_stat_user_tables"
-                    " WHERE relname = 'cluster_singletons_lease'")
+PG_LEASE_UPDATES = (
+    "SELECT n_tup_upd FROM pg_stat_user_tables WHERE relname = 'cluster_singletons_lease'"
+)
 
 
 class Bench(BaseModel):
@@ -84,8 +85,12 @@ def setup(db: str, tmp: Path, pg_db: str) -> None:
     """Point this process (and the children it starts) at a fresh database of our own."""
     for var in ("CLUSTER_SINGLETONS_JSON", "CLUSTER_DEMO_SINGLETONS", "DATABASE_URL"):
         os.environ.pop(var, None)
-    os.environ.update(CLUSTER_VAR_DIR=str(tmp), DJANGO_DEBUG="0", PYTHONUNBUFFERED="1",
-                      DJANGO_SETTINGS_MODULE="project.settings")
+    os.environ.update(
+        CLUSTER_VAR_DIR=str(tmp),
+        DJANGO_DEBUG="0",
+        PYTHONUNBUFFERED="1",
+        DJANGO_SETTINGS_MODULE="project.settings",
+    )
     if db == "postgres":
         pg_admin(f"DROP DATABASE IF EXISTS {pg_db} WITH (FORCE)")
         pg_admin(f"CREATE DATABASE {pg_db}")
@@ -111,16 +116,20 @@ def bench_save(n: int, warmup: int) -> dict[str, Any]:
     term = leases.acquire(KEY, rid, ttl=ttl, using="default")
     assert term is not None
     stores = [StateStore(KEY, Bench, term=term), state_store(KEY, Bench)]
-    value = Bench(cursor=7, processed=123_456, last_run="2025-01-01T00:00:00Z", rate=0.25,
-                  tags=["a", "b"])
+    value = Bench(
+        cursor=7, processed=123_456, last_run="2025-01-01T00:00:00Z", rate=0.25, tags=["a", "b"]
+    )
     text = value.model_dump_json()
 
     def raw() -> None:
         with connection.cursor() as cursor:
             cursor.execute(RAW_SQL, [text, KEY])
 
-    ops = {"raw": raw, "fenced": lambda: stores[0].save(value),
-           "unfenced": lambda: stores[1].save(value)}
+    ops = {
+        "raw": raw,
+        "fenced": lambda: stores[0].save(value),
+        "unfenced": lambda: stores[1].save(value),
+    }
     stores[1].save(value)  # creates the row at version 1
     version, renew_at = 1, 0.0
     wall: dict[str, list[int]] = {case: [] for case in CASES}
@@ -132,7 +141,7 @@ def bench_save(n: int, warmup: int) -> dict[str, Any]:
             if time.monotonic() >= renew_at:  # untimed; well inside the lease TTL
                 assert leases.renew(rid, [term], ttl=ttl, using="default") == {KEY}
                 renew_at = time.monotonic() + ttl / 5
-            for case in CASES[i % 3:] + CASES[: i % 3]:
+            for case in CASES[i % 3 :] + CASES[: i % 3]:
                 for store in stores:  # every case moves the row on by one version
                     store.version = version
                 c0, t0 = time.thread_time_ns(), time.perf_counter_ns()
@@ -159,11 +168,15 @@ def bench_save(n: int, warmup: int) -> dict[str, Any]:
     result = {}
     for case, ns in wall.items():
         s = sorted(ns)
-        result[case] = {"n": len(s), "p50_us": round(statistics.median(s) / 1000, 1),
-                        "p99_us": round(s[math.ceil(0.99 * len(s)) - 1] / 1000, 1),  # nearest rank
-                        "ops_s": int(len(s) / (sum(s) / 1e9)),
-                        "client_cpu_p50_us": round(statistics.median(cpu[case]) / 1000, 1),
-                        "statements_per_op": len(sent[case]), "statements": sent[case]}
+        result[case] = {
+            "n": len(s),
+            "p50_us": round(statistics.median(s) / 1000, 1),
+            "p99_us": round(s[math.ceil(0.99 * len(s)) - 1] / 1000, 1),  # nearest rank
+            "ops_s": int(len(s) / (sum(s) / 1e9)),
+            "client_cpu_p50_us": round(statistics.median(cpu[case]) / 1000, 1),
+            "statements_per_op": len(sent[case]),
+            "statements": sent[case],
+        }
     for case in CASES:
         result[case]["ratio_p50"] = round(result[case]["p50_us"] / result["raw"]["p50_us"], 2)
     return result
@@ -179,9 +192,11 @@ def distribution(prefix: str) -> dict[int, int]:
 
     from cluster_singletons.models import Lease
 
-    rows = (Lease.objects.filter(name__startswith=prefix, holder__isnull=False,
-                                 expires_at__gt=Now())
-            .values_list("holder").annotate(n=Count("name")))
+    rows = (
+        Lease.objects.filter(name__startswith=prefix, holder__isnull=False, expires_at__gt=Now())
+        .values_list("holder")
+        .annotate(n=Count("name"))
+    )
     return dict(rows)
 
 
@@ -190,16 +205,21 @@ def slope(points: list[tuple[float, float]]) -> float:
     window does not skew."""
     mt = statistics.fmean(t for t, _ in points)
     mv = statistics.fmean(v for _, v in points)
-    return (sum((t - mt) * (v - mv) for t, v in points)
-            / sum((t - mt) ** 2 for t, _ in points))
+    return sum((t - mt) * (v - mv) for t, v in points) / sum((t - mt) ** 2 for t, _ in points)
 
 
 def read_counts(files: list[Path]) -> list[dict[str, Any]]:
     return [json.loads(f.read_text()) for f in files]
 
 
-def bench_renewal(procs: Procs, runners_n: int, singletons: int, window: float,
-                  settle_timeout: float, pg: psycopg.Connection[Any] | None) -> dict[str, Any]:
+def bench_renewal(
+    procs: Procs,
+    runners_n: int,
+    singletons: int,
+    window: float,
+    settle_timeout: float,
+    pg: psycopg.Connection[Any] | None,
+) -> dict[str, Any]:
     from cluster_singletons.models import Lease, Runner
 
     env = {**os.environ, "CLUSTER_DEMO_SINGLETONS": "many", "CLUSTER_DEMO_MANY": str(singletons)}
@@ -214,9 +234,13 @@ def bench_renewal(procs: Procs, runners_n: int, singletons: int, window: float,
         def settled() -> bool:
             if any(not k.alive for k in kids):
                 raise RuntimeError(f"{tag}: a runner exited; see {procs.tmp}")
-            print(f"  {tag} {time.monotonic() - t0:5.0f}s held per runner:"
-                  f" {sorted(distribution('singleton:many-').values())}", file=sys.stderr,
-                  end="\r", flush=True)
+            print(
+                f"  {tag} {time.monotonic() - t0:5.0f}s held per runner:"
+                f" {sorted(distribution('singleton:many-').values())}",
+                file=sys.stderr,
+                end="\r",
+                flush=True,
+            )
             return spread(runners_n, singletons)
 
         try:
@@ -254,15 +278,23 @@ def bench_renewal(procs: Procs, runners_n: int, singletons: int, window: float,
     def total(*prefixes: str) -> float:
         return round(sum(v for k, v in rate.items() if k.startswith(prefixes)), 2)
 
-    out = {"runners": runners_n, "singletons": singletons, "settle_s": settle_s,
-           "leave_s": leave_s, "join_s": join_s,
-           "held_per_runner": sorted(held.values()), "acquisitions": acquisitions,
-           "statements_s": total("stmt "), "write_statements_s": total(*WRITE_VERBS),
-           "select_s": total("stmt SELECT"), "liveness_statements_s": total("stmt psycopg"),
-           "transactions_s": total("tx ", "stmt psycopg"),
-           "lease_rows_written_s": total("rows UPDATE cluster_singletons_lease"),
-           "runner_rows_written_s": total("rows UPDATE cluster_singletons_runner"),
-           "counts_s": {k: round(v, 2) for k, v in sorted(rate.items()) if v}}
+    out = {
+        "runners": runners_n,
+        "singletons": singletons,
+        "settle_s": settle_s,
+        "leave_s": leave_s,
+        "join_s": join_s,
+        "held_per_runner": sorted(held.values()),
+        "acquisitions": acquisitions,
+        "statements_s": total("stmt "),
+        "write_statements_s": total(*WRITE_VERBS),
+        "select_s": total("stmt SELECT"),
+        "liveness_statements_s": total("stmt psycopg"),
+        "transactions_s": total("tx ", "stmt psycopg"),
+        "lease_rows_written_s": total("rows UPDATE cluster_singletons_lease"),
+        "runner_rows_written_s": total("rows UPDATE cluster_singletons_runner"),
+        "counts_s": {k: round(v, 2) for k, v in sorted(rate.items()) if v},
+    }
     if pg is not None:
         out["pg_stat_lease_rows_updated_s"] = round(slope(points), 1)
     return out
@@ -271,12 +303,22 @@ def bench_renewal(procs: Procs, runners_n: int, singletons: int, window: float,
 def spread(runners_n: int, singletons: int) -> bool:
     """Every lease held, by ``runners_n`` runners, none above its fair share."""
     held = distribution("singleton:many-")
-    return (sum(held.values()) == singletons and len(held) == runners_n
-            and max(held.values()) <= math.ceil(singletons / runners_n))
+    return (
+        sum(held.values()) == singletons
+        and len(held) == runners_n
+        and max(held.values()) <= math.ceil(singletons / runners_n)
+    )
 
 
-def leave_and_join(procs: Procs, kids: list[Child], cmd: list[str], env: dict[str, str], tag: str,
-                   singletons: int, timeout: float) -> tuple[float | None, float | None]:
+def leave_and_join(
+    procs: Procs,
+    kids: list[Child],
+    cmd: list[str],
+    env: dict[str, str],
+    tag: str,
+    singletons: int,
+    timeout: float,
+) -> tuple[float | None, float | None]:
     """After the window: SIGTERM one runner and time how long the others take to even out
     (from its exit); then start a runner again and time how long placement takes to even
     out with it (from its registration). Polled every 0.1 s; None = not within ``timeout``."""
@@ -286,19 +328,34 @@ def leave_and_join(procs: Procs, kids: list[Child], cmd: list[str], env: dict[st
     kids[-1].stop(15)
     left_at = time.monotonic()
     try:
-        wait_for(f"{tag}: spread after a runner left", lambda: spread(runners_n - 1, singletons),
-                 timeout, 0.1)
+        wait_for(
+            f"{tag}: spread after a runner left",
+            lambda: spread(runners_n - 1, singletons),
+            timeout,
+            0.1,
+        )
         leave_s: float | None = round(time.monotonic() - left_at, 1)
     except TimeoutError:
         leave_s = None
-    kids.append(procs.start(f"runner-{tag}-join", [*cmd, str(procs.tmp / f"count-{tag}-join.json")],
-                            env, REPO))
-    wait_for(f"{tag}: the joining runner to register",
-             lambda: Runner.objects.filter(stopping=False).count() == runners_n, 120, 0.02)
+    kids.append(
+        procs.start(
+            f"runner-{tag}-join", [*cmd, str(procs.tmp / f"count-{tag}-join.json")], env, REPO
+        )
+    )
+    wait_for(
+        f"{tag}: the joining runner to register",
+        lambda: Runner.objects.filter(stopping=False).count() == runners_n,
+        120,
+        0.02,
+    )
     joined_at = time.monotonic()
     try:
-        wait_for(f"{tag}: spread after a runner joined", lambda: spread(runners_n, singletons),
-                 timeout, 0.1)
+        wait_for(
+            f"{tag}: spread after a runner joined",
+            lambda: spread(runners_n, singletons),
+            timeout,
+            0.1,
+        )
         join_s: float | None = round(time.monotonic() - joined_at, 1)
     except TimeoutError:
         join_s = None
@@ -317,36 +374,61 @@ def table(rows: list[dict[str, Any]], cols: list[tuple[str, str, int]]) -> None:
 
 
 def print_report(db: str, save: dict[str, Any], renewal: list[dict[str, Any]]) -> None:
-    table([{"case": case, **r} for case, r in save.items()],
-          [("save case", "case", 9), ("n", "n", 6), ("p50 us", "p50_us", 9),
-           ("p99 us", "p99_us", 9), ("ops/s", "ops_s", 7), ("cpu p50 us", "client_cpu_p50_us", 10),
-           ("stmts/op", "statements_per_op", 8), ("p50 / raw p50", "ratio_p50", 13)])
+    table(
+        [{"case": case, **r} for case, r in save.items()],
+        [
+            ("save case", "case", 9),
+            ("n", "n", 6),
+            ("p50 us", "p50_us", 9),
+            ("p99 us", "p99_us", 9),
+            ("ops/s", "ops_s", 7),
+            ("cpu p50 us", "client_cpu_p50_us", 10),
+            ("stmts/op", "statements_per_op", 8),
+            ("p50 / raw p50", "ratio_p50", 13),
+        ],
+    )
     if db == "postgres":
         met = save["fenced"]["ratio_p50"] <= TARGET_RATIO
         print(f"target fenced p50 <= {TARGET_RATIO}x raw p50: {'met' if met else 'MISSED'}")
-    print("(p99 nearest rank; cpu = client CPU per operation; stmts/op = statements sent per"
-          " operation, BEGIN and COMMIT included: " + "; ".join(
-              f"{case} {' '.join(r['statements'])}" for case, r in save.items()) + ")")
+    print(
+        "(p99 nearest rank; cpu = client CPU per operation; stmts/op = statements sent per"
+        " operation, BEGIN and COMMIT included: "
+        + "; ".join(f"{case} {' '.join(r['statements'])}" for case, r in save.items())
+        + ")"
+    )
     if not renewal:
         return
     print()
-    table(renewal, [
-        ("runners", "runners", 7), ("singletons", "singletons", 10), ("settle s", "settle_s", 8),
-        ("leave s", "leave_s", 7), ("join s", "join_s", 6),
-        ("stmts/s", "statements_s", 8), ("writes/s", "write_statements_s", 8),
-        ("SELECT/s", "select_s", 8), ("liveness/s", "liveness_statements_s", 10),
-        ("tx/s", "transactions_s", 7), ("lease rows/s", "lease_rows_written_s", 12),
-        ("pg_stat", "pg_stat_lease_rows_updated_s", 7),
-        ("runner rows/s", "runner_rows_written_s", 13), ("acquired", "acquisitions", 8)])
-    print("(per second over the window, all runners together; stmts = every statement, liveness"
-          " sessions' included; writes = UPDATE/INSERT/DELETE statements; liveness = the"
-          " PostgreSQL liveness sessions' statements; tx = transactions (autocommit statements"
-          " + commits); lease rows = lease rows the runners' UPDATEs touched, pg_stat = the same"
-          " from pg_stat_user_tables; acquired = lease epochs raised from settling to the end"
-          " of the window; settle = from starting the runners together to an even spread, leave ="
-          " from one runner's exit after the window (SIGTERM) to an even spread over the others,"
-          " join = from a runner's registration after that to an even spread with it; '-' = not"
-          " within --settle-timeout)")
+    table(
+        renewal,
+        [
+            ("runners", "runners", 7),
+            ("singletons", "singletons", 10),
+            ("settle s", "settle_s", 8),
+            ("leave s", "leave_s", 7),
+            ("join s", "join_s", 6),
+            ("stmts/s", "statements_s", 8),
+            ("writes/s", "write_statements_s", 8),
+            ("SELECT/s", "select_s", 8),
+            ("liveness/s", "liveness_statements_s", 10),
+            ("tx/s", "transactions_s", 7),
+            ("lease rows/s", "lease_rows_written_s", 12),
+            ("pg_stat", "pg_stat_lease_rows_updated_s", 7),
+            ("runner rows/s", "runner_rows_written_s", 13),
+            ("acquired", "acquisitions", 8),
+        ],
+    )
+    print(
+        "(per second over the window, all runners together; stmts = every statement, liveness"
+        " sessions' included; writes = UPDATE/INSERT/DELETE statements; liveness = the"
+        " PostgreSQL liveness sessions' statements; tx = transactions (autocommit statements"
+        " + commits); lease rows = lease rows the runners' UPDATEs touched, pg_stat = the same"
+        " from pg_stat_user_tables; acquired = lease epochs raised from settling to the end"
+        " of the window; settle = from starting the runners together to an even spread, leave ="
+        " from one runner's exit after the window (SIGTERM) to an even spread over the others,"
+        " join = from a runner's registration after that to an even spread with it; '-' = not"
+        " within --settle-timeout)"
+    )
 
 
 def main() -> None:
@@ -356,10 +438,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--window", type=float, default=60.0, help="renewal window, seconds")
     parser.add_argument("--settle-timeout", type=float, default=300.0)
-    parser.add_argument("--shapes", default="4x1000,4x100,2x1000,2x100",
-                        help="renewal cases RUNNERSxSINGLETONS, comma-separated ('' skips)")
-    parser.add_argument("--pg-database", default=PG_DB,
-                        help="the PostgreSQL database to create, use and drop")
+    parser.add_argument(
+        "--shapes",
+        default="4x1000,4x100,2x1000,2x100",
+        help="renewal cases RUNNERSxSINGLETONS, comma-separated ('' skips)",
+    )
+    parser.add_argument(
+        "--pg-database", default=PG_DB, help="the PostgreSQL database to create, use and drop"
+    )
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks
     tmp = Path(tempfile.mkdtemp(prefix="cs-statebench-"))
@@ -370,15 +456,17 @@ def main() -> None:
         from django.db import connection
 
         with connection.cursor() as cursor:
-            cursor.execute("SHOW server_version" if args.db == "postgres"
-                           else "SELECT sqlite_version()")
+            cursor.execute(
+                "SHOW server_version" if args.db == "postgres" else "SELECT sqlite_version()"
+            )
             db_version = f"{connection.display_name} {cursor.fetchone()[0]}"
         save = bench_save(args.n, args.warmup)
         if args.db == "postgres":
             pg = psycopg.connect(f"{PG_SERVER}/{args.pg_database}", autocommit=True)
         shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",") if s]
-        renewal = [bench_renewal(procs, r, m, args.window, args.settle_timeout, pg)
-                   for r, m in shapes]
+        renewal = [
+            bench_renewal(procs, r, m, args.window, args.settle_timeout, pg) for r, m in shapes
+        ]
     finally:
         procs.stop_all()
         if pg is not None:
@@ -391,10 +479,16 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     print_report(args.db, save, renewal)
     print(machine(db_version))
-    result = {"db": args.db, "save": save, "target_ratio_fenced_p50": TARGET_RATIO,
-              "renewal": renewal, "window_s": args.window,
-              "settings": ClusterSettings().model_dump(
-                  include={"lease_ttl", "renew_interval", "acquire_interval", "crash_detection"})}
+    result = {
+        "db": args.db,
+        "save": save,
+        "target_ratio_fenced_p50": TARGET_RATIO,
+        "renewal": renewal,
+        "window_s": args.window,
+        "settings": ClusterSettings().model_dump(
+            include={"lease_ttl", "renew_interval", "acquire_interval", "crash_detection"}
+        ),
+    }
     print("RESULT " + json.dumps(result, separators=(",", ":")))
 
 

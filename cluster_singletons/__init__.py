@@ -27,11 +27,14 @@ if TYPE_CHECKING:
         LeadershipLost,
         MachineIdsExhausted,
         MachineIdUnavailable,
+        NoClusterLock,
         ScheduleInvalid,
         SingletonConfigError,
         SingletonError,
         SnowflakeTimeOutOfRange,
         StateConflict,
+        TaskKeyHeld,
+        TaskKeyInvalid,
         UnknownSchedule,
         UnknownSingleton,
     )
@@ -40,6 +43,7 @@ if TYPE_CHECKING:
     from cluster_singletons.singletons.singleton_context import SingletonContext
     from cluster_singletons.singletons.state import StateStore, state_store
     from cluster_singletons.snowflake import Snowflake, generate_id, generate_ids
+    from cluster_singletons.tasks.task import SingletonTask
 
 
 _WHERE = {
@@ -79,6 +83,10 @@ _WHERE = {
     "cron": "beat.crons",
     "deliver_at": "beat.deliveries",
     "deliver_in": "beat.deliveries",
+    "SingletonTask": "tasks.task",
+    "TaskKeyInvalid": "errors",
+    "TaskKeyHeld": "errors",
+    "NoClusterLock": "errors",
 }
 
 #: The public API: every name of the lazy-import table.

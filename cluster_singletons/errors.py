@@ -223,3 +223,42 @@ class DeliveryNotCancellable(ClusterSingletonsError):
         self.delivery_id = delivery_id
         self.status = status
         super().__init__(f"delivery {delivery_id} is {status}; only pending ones can be cancelled")
+
+
+class TaskKeyInvalid(ClusterSingletonsError, ValueError):
+    """A singleton task's key could not be made for one call; the task fails, no lease
+    is taken."""
+
+    def __init__(self, task: str, problem: str) -> None:
+        self.task, self.problem = task, problem
+        super().__init__(
+            f"singleton task {task!r}: {problem} (singleton_key must name arguments of the "
+            "task, or be a callable returning JSON-serialisable data)"
+        )
+
+    def __reduce__(self) -> tuple[type[TaskKeyInvalid], tuple[str, str]]:
+        return type(self), (self.task, self.problem)  # a result backend pickles it
+
+
+class TaskKeyHeld(ClusterSingletonsError):
+    """A singleton task's key stayed held by another run (policy ``wait``, or ``retry``
+    once the retries are spent)."""
+
+    def __init__(self, task: str, key: str, waited: float | None = None) -> None:
+        self.task, self.key, self.waited = task, key, waited
+        after = f" after waiting {waited:.1f}s" if waited is not None else ""
+        super().__init__(f"singleton task {task!r}: key {key} is held by another run{after}")
+
+    def __reduce__(self) -> tuple[type[TaskKeyHeld], tuple[str, str, float | None]]:
+        return type(self), (self.task, self.key, self.waited)
+
+
+class NoClusterLock(ClusterSingletonsError, LookupError):
+    """``self.cluster_lock`` was read outside the body of a singleton task's run."""
+
+    def __init__(self, task: str) -> None:
+        self.task = task
+        super().__init__(
+            f"task {task!r} holds no key here: self.cluster_lock exists only while the body "
+            "of a SingletonTask runs (and for that task)"
+        )

@@ -98,3 +98,26 @@ def schedule_label(key: str) -> str:
         _labelled.add(key)
         return key
     return "_other"
+
+
+TASK_KEYS_ACQUIRED = Counter(
+    "cluster_task_keys_acquired_total",
+    "Singleton task runs that took their key, by task.",
+    ["task"],
+)
+TASK_KEYS_SKIPPED = Counter(
+    "cluster_task_keys_skipped_total",
+    "Singleton task runs that found their key held, by task and what they did "
+    "(skip, retry, wait: waited in vain).",
+    ["task", "policy"],
+)
+TASK_KEYS_LOST = Counter(
+    "cluster_task_keys_lost_total",
+    "Keys a running singleton task lost before it ended (its renewal found the term over).",
+    ["task"],
+)
+TASK_KEY_HOLD_SECONDS = Histogram(
+    "cluster_task_key_hold_duration_seconds",
+    "How long a singleton task run held its key, by task.",
+    ["task"],
+)

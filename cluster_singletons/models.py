@@ -36,6 +36,7 @@ class Runner(models.Model):
         RUNCLUSTER = "runcluster", "runcluster command"
         BEAT = "beat", "Celery beat"
         WORKER = "worker", "Celery worker"
+        TASK = "task", "Celery task holder"
 
     id = models.BigAutoField(primary_key=True)
     host = models.CharField(max_length=255)

@@ -131,7 +131,7 @@ def test_the_package_has_no_import_cycle() -> None:
 
 
 def test_subsystem_packages_do_not_import_each_other_in_a_loop() -> None:
-    order = ["snowflake", "cluster", "singletons", "beat", "health"]
+    order = ["snowflake", "cluster", "singletons", "tasks", "beat", "health"]
     trees = dict(_modules())
     known = {_module_name(rel) for rel in trees}
     for relative, tree in trees.items():
@@ -176,14 +176,14 @@ def test_the_readme_layout_names_every_module_where_it_is() -> None:
         for line in readme.splitlines()
         if line.strip().startswith("| ") and len(cells := line.split("|")) == 4
     }
-    for folder in ("cluster", "beat", "singletons", "snowflake", "health"):
+    for folder in ("cluster", "beat", "singletons", "tasks", "snowflake", "health"):
         modules = {p.stem for p in (PACKAGE / folder).glob("*.py") if p.stem != "__init__"}
         missing = {m for m in modules if f"`{m}`" not in rows.get(folder, "")}
         assert missing == set(), f"README's layout table misses {folder}/{sorted(missing)}"
     top = {p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
     assert {m for m in top if f"`{m}`" not in rows.get("top", "")} == set()
     folders = {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
-    assert folders - {"cluster", "beat", "singletons", "snowflake", "health"} == {
+    assert folders - {"cluster", "beat", "singletons", "tasks", "snowflake", "health"} == {
         "management",
         "migrations",
     }

@@ -114,11 +114,13 @@ def forget_stale(*, older_than: float, using: str) -> int:
 def live_view(
     *, ttl: float, lease_prefix: str, crash_detection: bool, using: str
 ) -> dict[int, int]:
-    """Live runners (seen within ``ttl``, not stopping, not known dead) and how many
-    unexpired leases named ``lease_prefix…`` each holds."""
+    """Live runners (seen within ``ttl``, not stopping, not known dead, not task key
+    holders) and how many unexpired leases named ``lease_prefix…`` each holds."""
     fresh = Runner.objects.using(using).filter(
         last_seen__gt=Now() - dt.timedelta(seconds=ttl), stopping=False
     )
+    # A process holding task keys never leads singletons: placement must not count it.
+    fresh = fresh.exclude(kind=Runner.Kind.TASK)
     if crash_detection:
         fresh = fresh.exclude(runner_is_gone(f'"{Runner._meta.db_table}"'))
     counted = fresh.annotate(

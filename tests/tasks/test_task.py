@@ -1,0 +1,142 @@
+"""SingletonTask in one process against the real database: the key is taken before the
+body, released however it ends, refused when it cannot be made, and fenced while held."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery import shared_task
+
+from cluster_singletons.cluster import leases
+from cluster_singletons.conf import get_settings
+from cluster_singletons.errors import NoClusterLock, TaskKeyHeld, TaskKeyInvalid
+from cluster_singletons.models import Lease, Runner
+from cluster_singletons.tasks import holder as holders
+from cluster_singletons.tasks.holder import Holder
+from cluster_singletons.tasks.task import SingletonTask
+from project.demo.models import FencedWrite
+from project.demo.tasks import exclusive_skip, exclusive_wait
+
+pytestmark = [pytest.mark.db, pytest.mark.django_db(transaction=True)]
+
+
+@shared_task(name="tests.seen_lock", base=SingletonTask, bind=True, singleton_key=("n",))
+def seen_lock(self: Any, n: int, fail: bool = False) -> dict[str, Any]:
+    lock = self.cluster_lock
+    with lock.fenced():
+        FencedWrite.objects.create(
+            lease=lock.lease, runner_id=lock.term.runner_id, epoch=lock.epoch
+        )
+    held = Lease.objects.get(name=lock.lease)
+    if fail:
+        raise RuntimeError("the body failed")
+    return {"lease": lock.lease, "epoch": lock.epoch, "holder": held.holder_id}
+
+
+@shared_task(name="tests.bad_key", base=SingletonTask, singleton_key=lambda *a, **k: 1 / 0)
+def bad_key(n: int) -> None:
+    raise AssertionError("the body must not run without a key")
+
+
+def _other_holder() -> Holder:
+    return Holder(get_settings())
+
+
+def _free(lease: str) -> bool:
+    return Lease.objects.filter(name=lease, holder__isnull=True).exists()
+
+
+def test_the_body_runs_holding_its_key_fenced_and_the_key_is_free_after() -> None:
+    result = seen_lock.apply(args=(1,)).get()
+    runner = Runner.objects.get(pk=result["holder"])
+    assert runner.kind == Runner.Kind.TASK
+    assert result["lease"].startswith("task:tests.seen_lock:")
+    assert FencedWrite.objects.filter(epoch=result["epoch"]).count() == 1
+    assert _free(result["lease"])
+    again = seen_lock.apply(args=(1,)).get()
+    assert again["epoch"] == result["epoch"] + 1, "each run is a new term"
+
+
+def test_a_body_that_raises_releases_its_key() -> None:
+    outcome = seen_lock.apply(args=(2,), kwargs={"fail": True})
+    assert outcome.state == "FAILURE"
+    assert Lease.objects.filter(name__startswith="task:tests.seen_lock:").count() == 1
+    assert _free(Lease.objects.get(name__startswith="task:tests.seen_lock:").name)
+
+
+def test_a_key_function_that_raises_fails_the_task_naming_it_and_leaves_no_lease() -> None:
+    outcome = bad_key.apply(args=(1,))
+    assert outcome.state == "FAILURE"
+    assert isinstance(outcome.result, TaskKeyInvalid)
+    assert "singleton task 'tests.bad_key'" in str(outcome.result)
+    assert not Lease.objects.filter(name__contains="tests.bad_key").exists()
+
+
+def test_cluster_lock_outside_a_run_is_a_clear_error() -> None:
+    with pytest.raises(NoClusterLock, match=r"tests\.seen_lock"):
+        _ = seen_lock.cluster_lock
+
+
+def test_a_held_key_skips_the_run_and_the_body_never_starts(tmp_path: Path) -> None:
+    events = tmp_path / "events"
+    key = exclusive_skip.singleton_key_of(("k", 0.0, str(events)), {})
+    other = _other_holder()
+    lock = other.acquire(key, task_id="elsewhere")
+    assert lock is not None
+    outcome = exclusive_skip.apply(args=("k", 0.0, str(events)))
+    assert outcome.state == "IGNORED"
+    assert not events.exists()
+    other.release(lock)
+    assert exclusive_skip.apply(args=("k", 0.0, str(events))).state == "SUCCESS"
+    assert events.read_text().count("start") == 1
+
+
+def test_wait_runs_once_the_key_is_released_and_gives_up_after_its_bound(tmp_path: Path) -> None:
+    events = tmp_path / "events"
+    args = ("k", 0.0, str(events))
+    key = exclusive_wait.singleton_key_of(args, {})
+    other = _other_holder()
+    lock = other.acquire(key, task_id="elsewhere")
+    assert lock is not None
+    threading.Timer(0.5, other.release, args=(lock,)).start()
+    started = time.monotonic()
+    assert exclusive_wait.apply(args=args).state == "SUCCESS"
+    assert time.monotonic() - started >= 0.5
+    lock = other.acquire(key, task_id="elsewhere")
+    assert lock is not None
+    exclusive_wait.singleton_wait = 0.3
+    try:
+        outcome = exclusive_wait.apply(args=args)
+    finally:
+        exclusive_wait.singleton_wait = 60.0
+        other.release(lock)
+    assert outcome.state == "FAILURE" and isinstance(outcome.result, TaskKeyHeld)
+    assert events.read_text().count("start") == 1
+
+
+def test_renewal_keeps_a_held_key_and_reports_a_lost_one() -> None:
+    holder = _other_holder()
+    key = seen_lock.singleton_key_of((9,), {})
+    lock = holder.acquire(key, task_id="t")
+    assert lock is not None
+    before = Lease.objects.get(name=key.lease).expires_at
+    time.sleep(0.01)
+    holder.renew()
+    assert Lease.objects.get(name=key.lease).expires_at > before
+    assert lock.held and not lock.lost
+    Lease.objects.filter(name=key.lease).update(holder=None)  # an operator freed it
+    holder.renew()
+    assert lock.lost and not lock.held
+    holder.release(lock)
+
+
+def test_the_process_holder_is_new_after_a_fork() -> None:
+    first = holders.current()
+    assert holders.current() is first
+    first.pid = -1  # as a child sees its parent's holder
+    assert holders.current() is not first
+    leases.ensure(["unused"], using="default")
