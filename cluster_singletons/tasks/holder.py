@@ -26,6 +26,8 @@ import socket
 import threading
 import time
 
+from django.db import connections
+
 from cluster_singletons import metrics
 from cluster_singletons._connection import DATABASE_ERRORS, drop_if_unusable
 from cluster_singletons.cluster import leases, membership
@@ -52,6 +54,7 @@ class Holder:
         self._held: dict[str, ClusterLock] = {}
         self._lock = threading.Lock()  # the registration and _held: the keeper reads them
         self._keeper: threading.Thread | None = None
+        self._closing = threading.Event()
 
     # -- registration -----------------------------------------------------------------
 
@@ -149,10 +152,15 @@ class Holder:
     # -- the keeper -------------------------------------------------------------------
 
     def _keep(self) -> None:
+        try:
+            self._keep_renewing()
+        finally:
+            connections.close_all()  # this thread's own connections
+
+    def _keep_renewing(self) -> None:
         backoff = Backoff.from_settings(self.settings)
         delay = self.settings.renew_interval
-        while True:
-            time.sleep(delay)
+        while not self._closing.wait(delay):
             try:
                 self.renew()
                 backoff, delay = backoff.reset(), self.settings.renew_interval
@@ -219,6 +227,15 @@ class Holder:
         with self._lock:
             return list(self._held.values())
 
+    def close(self) -> None:
+        """Stop renewing and close the liveness session (what it holds then expires);
+        the registration stays until forgotten."""
+        self._closing.set()
+        if self._keeper is not None:
+            self._keeper.join(timeout=5)
+        if self._crash is not None:
+            self._crash.close(time.monotonic())
+
 
 def _nothing() -> None:
     """A task holder acts on no release announcement (it never stands by)."""
@@ -229,6 +246,15 @@ _holder: Holder | None = None
 #: sessions belong to the parent; closing them here would end the parent's).
 _inherited: list[Holder] = []
 _made = threading.Lock()
+
+
+def reset() -> None:
+    """Close this process's holder and forget it (tests)."""
+    global _holder
+    with _made:
+        if _holder is not None and _holder.pid == os.getpid():
+            _holder.close()
+        _holder = None
 
 
 def current() -> Holder:

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from celery import shared_task
 
-from cluster_singletons.cluster import leases
 from cluster_singletons.conf import get_settings
 from cluster_singletons.errors import NoClusterLock, TaskKeyHeld, TaskKeyInvalid
 from cluster_singletons.models import Lease, Runner
@@ -42,8 +42,23 @@ def bad_key(n: int) -> None:
     raise AssertionError("the body must not run without a key")
 
 
-def _other_holder() -> Holder:
-    return Holder(get_settings())
+@pytest.fixture(autouse=True)
+def holders_closed() -> Iterator[list[Holder]]:
+    """This process's holder and the others a test makes are closed after it, so no
+    thread of theirs keeps a session on the test database."""
+    made: list[Holder] = []
+    yield made
+    for holder in made:
+        holder.close()
+    holders.reset()
+
+
+@pytest.fixture
+def other(holders_closed: list[Holder]) -> Holder:
+    """A second holder of task keys in this process: another run, as far as keys go."""
+    holder = Holder(get_settings())
+    holders_closed.append(holder)
+    return holder
 
 
 def _free(lease: str) -> bool:
@@ -81,10 +96,9 @@ def test_cluster_lock_outside_a_run_is_a_clear_error() -> None:
         _ = seen_lock.cluster_lock
 
 
-def test_a_held_key_skips_the_run_and_the_body_never_starts(tmp_path: Path) -> None:
+def test_a_held_key_skips_the_run_and_the_body_never_starts(tmp_path: Path, other: Holder) -> None:
     events = tmp_path / "events"
     key = exclusive_skip.singleton_key_of(("k", 0.0, str(events)), {})
-    other = _other_holder()
     lock = other.acquire(key, task_id="elsewhere")
     assert lock is not None
     outcome = exclusive_skip.apply(args=("k", 0.0, str(events)))
@@ -95,11 +109,12 @@ def test_a_held_key_skips_the_run_and_the_body_never_starts(tmp_path: Path) -> N
     assert events.read_text().count("start") == 1
 
 
-def test_wait_runs_once_the_key_is_released_and_gives_up_after_its_bound(tmp_path: Path) -> None:
+def test_wait_runs_once_the_key_is_released_and_gives_up_after_its_bound(
+    tmp_path: Path, other: Holder
+) -> None:
     events = tmp_path / "events"
     args = ("k", 0.0, str(events))
     key = exclusive_wait.singleton_key_of(args, {})
-    other = _other_holder()
     lock = other.acquire(key, task_id="elsewhere")
     assert lock is not None
     threading.Timer(0.5, other.release, args=(lock,)).start()
@@ -118,8 +133,8 @@ def test_wait_runs_once_the_key_is_released_and_gives_up_after_its_bound(tmp_pat
     assert events.read_text().count("start") == 1
 
 
-def test_renewal_keeps_a_held_key_and_reports_a_lost_one() -> None:
-    holder = _other_holder()
+def test_renewal_keeps_a_held_key_and_reports_a_lost_one(other: Holder) -> None:
+    holder = other
     key = seen_lock.singleton_key_of((9,), {})
     lock = holder.acquire(key, task_id="t")
     assert lock is not None
@@ -139,4 +154,3 @@ def test_the_process_holder_is_new_after_a_fork() -> None:
     assert holders.current() is first
     first.pid = -1  # as a child sees its parent's holder
     assert holders.current() is not first
-    leases.ensure(["unused"], using="default")
