@@ -246,3 +246,33 @@ def test_send_task_and_beat_dispatched_runs_are_guarded_too(
         assert len(starts(log)) == 1
     finally:
         cluster.stop()
+
+
+@pytest.mark.postgres
+def test_a_run_that_cannot_reach_the_database_is_retried_never_run_unlocked(
+    tmp_path: Path,
+) -> None:
+    from project.demo.localcluster import database_url
+    from tests.tcpproxy import TcpProxy
+
+    db = connection.settings_dict
+    proxy = TcpProxy((db["HOST"] or "127.0.0.1", int(db["PORT"] or 5432)))
+    proxy.restore()
+    cluster = Cluster(tmp_path, SETTINGS, env={"DATABASE_URL": database_url(port=proxy.port)})
+    try:
+        worker = cluster.start_worker("-n", "a@%h")
+        log = tmp_path / "events"
+        proxy.cut()
+        sent = exclusive_skip.delay("down", 0.0, str(log))
+        poll(
+            "two attempts to fail",
+            lambda: worker.text().count("not running unlocked") >= 2,
+            timeout=30,
+        )
+        assert not log.exists(), "the body never ran without its key"
+        proxy.restore()
+        poll("the run, once the database is back", lambda: starts(log), timeout=30)
+        assert [e.task_id for e in starts(log)] == [sent.id]
+    finally:
+        cluster.stop()
+        proxy.cut()
