@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from celery import shared_task
+from prometheus_client import REGISTRY
 
 from cluster_singletons.conf import get_settings
 from cluster_singletons.errors import NoClusterLock, TaskKeyHeld, TaskKeyInvalid
@@ -154,3 +155,54 @@ def test_the_process_holder_is_new_after_a_fork() -> None:
     assert holders.current() is first
     first.pid = -1  # as a child sees its parent's holder
     assert holders.current() is not first
+
+
+def _sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def test_metrics_count_acquired_skipped_lost_and_hold_duration(
+    tmp_path: Path, other: Holder
+) -> None:
+    task = "demo.exclusive_skip"
+    before = {
+        "acquired": _sample("cluster_task_keys_acquired_total", task=task),
+        "skipped": _sample("cluster_task_keys_skipped_total", task=task, policy="skip"),
+        "lost": _sample("cluster_task_keys_lost_total", task=task),
+        "held": _sample("cluster_task_key_hold_duration_seconds_count", task=task),
+    }
+    args = ("m", 0.0, str(tmp_path / "events"))
+    exclusive_skip.apply(args=args)
+    lock = other.acquire(exclusive_skip.singleton_key_of(args, {}), task_id="t")
+    assert lock is not None
+    exclusive_skip.apply(args=args)
+    Lease.objects.filter(name=lock.lease).update(holder=None)
+    other.renew()
+    other.release(lock)
+    assert _sample("cluster_task_keys_acquired_total", task=task) == before["acquired"] + 2
+    skipped = _sample("cluster_task_keys_skipped_total", task=task, policy="skip")
+    assert skipped == before["skipped"] + 1
+    assert _sample("cluster_task_keys_lost_total", task=task) == before["lost"] + 1
+    held = _sample("cluster_task_key_hold_duration_seconds_count", task=task)
+    assert held == before["held"] + 2
+
+
+def test_a_skipped_run_shows_the_skipped_state_in_the_result_backend(
+    tmp_path: Path, other: Holder
+) -> None:
+    from celery.backends.cache import CacheBackend
+
+    args = ("shown", 0.0, str(tmp_path / "events"))
+    lock = other.acquire(exclusive_skip.singleton_key_of(args, {}), task_id="t")
+    assert lock is not None
+    backend = CacheBackend(app=exclusive_skip.app, backend="memory", url="memory://")
+    saved = exclusive_skip.backend
+    exclusive_skip.backend = backend
+    try:
+        outcome = exclusive_skip.apply(args=args)
+    finally:
+        exclusive_skip.backend = saved
+        other.release(lock)
+    meta = backend.get_task_meta(outcome.id)
+    assert meta["status"] == "SKIPPED"
+    assert meta["result"] == {"key": lock.key.value, "lease": lock.lease}
