@@ -315,3 +315,6 @@ class DashboardAdmin(ReadOnly):
         )
         _hand_off(self, request, lease, name)
         return HttpResponseRedirect(reverse("admin:cluster_singletons_clusterhealth_changelist"))
+
+
+from cluster_singletons.tasks import admin_pages  # noqa: E402, F401  (registers its page)

@@ -94,6 +94,33 @@ class Lease(models.Model):
         return f"lease {self.name!r} (epoch {self.epoch})"
 
 
+class TaskClaim(models.Model):
+    """A singleton task run enqueued with ``singleton_on_enqueue="drop"``, while it is queued
+    or running: an enqueue of the same key meanwhile returns its task id instead."""
+
+    lease = models.CharField(max_length=200, primary_key=True)
+    task = models.CharField(max_length=255)
+    task_id = models.CharField(max_length=255)
+    claimed_at = models.DateTimeField(db_default=Now())
+    holder = models.BigIntegerField(
+        null=True, blank=True, help_text="The task holder running it; empty while it is queued."
+    )
+
+    class Meta:
+        indexes = [models.Index(fields=["task_id"], name="cs_task_claim_task_id")]
+
+    def __str__(self) -> str:
+        return f"claim {self.lease!r} by {self.task_id}"
+
+
+class HeldTaskKey(Lease):
+    """The admin's page of singleton task keys held now (the lease table, no table of its own)."""
+
+    class Meta:
+        proxy = True
+        verbose_name = "held task key"
+
+
 class StateRecord(models.Model):
     """The durable, typed state of one key (a singleton's, or a standalone store's).
 

@@ -2,7 +2,8 @@
 
 Connected once from ``AppConfig.ready()``. Tasks the beat dispatched from its run ledger
 also report ``started`` and ``succeeded``/``failed`` to the ledger, so the overlap policy
-knows across machines whether a schedule's previous run has finished. The context rides in
+knows across machines whether a schedule's previous run has finished. A revoked singleton
+task's enqueue claim is deleted (``tasks.enqueue``). The context rides in
 the ``cluster_context`` message header; on the worker it is active for the duration of the
 task, so
 ``context.current()`` inside the task names the singleton, epoch and tick that sent it.
@@ -69,3 +70,10 @@ def connect() -> None:
     signals.before_task_publish.connect(_on_publish, weak=False, dispatch_uid="cs.publish")
     signals.task_prerun.connect(_on_prerun, weak=False, dispatch_uid="cs.prerun")
     signals.task_postrun.connect(_on_postrun, weak=False, dispatch_uid="cs.postrun")
+    signals.task_revoked.connect(_on_revoked, weak=False, dispatch_uid="cs.revoked")
+
+
+def _on_revoked(**kwargs: Any) -> None:
+    from cluster_singletons.tasks import enqueue
+
+    enqueue.on_revoked(**kwargs)

@@ -26,6 +26,7 @@ STORES = {
     "beat/periodic_tasks.py",
     "singletons/state.py",
     "singletons/steps.py",
+    "tasks/claims.py",
     "snowflake/machine_ids.py",
 }
 #: Attribute names that, used in a module, mean it talks to the database itself.

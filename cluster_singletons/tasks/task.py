@@ -22,6 +22,8 @@ attributes, set per task in the decorator (Celery's convention) or on a subclass
   ``self.retry`` after ``singleton_retry_countdown`` seconds, default the lease TTL;
   ``max_retries`` applies, then it fails with ``TaskKeyHeld``) or ``"wait"`` (tries again
   for up to ``singleton_wait`` seconds, then fails with ``TaskKeyHeld``).
+- ``singleton_on_enqueue``: ``"enqueue"`` (default) or ``"drop"``: ``apply_async`` of a key
+  already queued or running returns that run's ``AsyncResult`` (see ``enqueue``).
 
 A call whose key cannot be made fails with ``TaskKeyInvalid`` naming the task, before any
 lease is touched. A database error while taking the key retries the run (Celery's retry,
@@ -36,14 +38,15 @@ from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, NoReturn
 
 from celery import Task
-from celery.exceptions import Ignore
+from celery.exceptions import Ignore, Retry
+from kombu.utils.uuid import uuid
 
 from cluster_singletons import metrics
 from cluster_singletons._connection import DATABASE_ERRORS, drop_if_unusable
 from cluster_singletons.conf import get_settings
 from cluster_singletons.errors import NoClusterLock, TaskKeyHeld, describe
 from cluster_singletons.pacing import Backoff
-from cluster_singletons.tasks import keys
+from cluster_singletons.tasks import enqueue, keys
 from cluster_singletons.tasks.keys import KeySpec, TaskKey
 
 if TYPE_CHECKING:  # both import the models: a task module may be imported before setup
@@ -56,6 +59,7 @@ logger = logging.getLogger("cluster_singletons.tasks")
 SKIPPED = "SKIPPED"
 
 OnHeld = Literal["skip", "retry", "wait"]
+OnEnqueue = Literal["enqueue", "drop"]
 ON_HELD: tuple[OnHeld, ...] = ("skip", "retry", "wait")
 
 #: The lock of the singleton body running in this thread (or task of an event loop).
@@ -69,6 +73,8 @@ class SingletonTask(Task):  # type: ignore[type-arg]  # generic only in the stub
     singleton_on_held: ClassVar[OnHeld] = "skip"
     singleton_wait: ClassVar[float] = 30.0
     singleton_retry_countdown: ClassVar[float | None] = None
+    singleton_on_enqueue: ClassVar[OnEnqueue] = "enqueue"
+    singleton_queued_for: ClassVar[float] = 3600.0
 
     @property
     def cluster_lock(self) -> ClusterLock:
@@ -97,13 +103,60 @@ class SingletonTask(Task):  # type: ignore[type-arg]  # generic only in the stub
 
         key = self.singleton_key_of(args, kwargs)
         holder = holders.current()
-        lock = self._take(holder, key)
+        claimed = self.singleton_on_enqueue == "drop"
+        try:
+            lock = self._take(holder, key)
+        except Retry:
+            raise  # queued again under the same id: the claim stays its
+        except BaseException:
+            if claimed and self.request.id:
+                enqueue.unclaim(self.request.id)  # skipped or failed: nothing queued now
+            raise
+        if claimed:
+            enqueue.running(lock)
         token = _running.set(lock)
         try:
             return super().__call__(*args, **kwargs)
         finally:
             _running.reset(token)
             holder.release(lock)
+            if claimed:
+                enqueue.finished(lock)
+
+    def apply_async(
+        self,
+        args: Any = None,
+        kwargs: Any = None,
+        task_id: str | None = None,
+        *rest: Any,
+        **options: Any,
+    ) -> Any:
+        """Celery's ``apply_async``; with ``singleton_on_enqueue="drop"`` a call whose key
+        is queued or running already publishes nothing and returns that run's result."""
+        if self.singleton_on_enqueue not in enqueue.ON_ENQUEUE:
+            raise ValueError(
+                f"singleton task {self.name!r}: singleton_on_enqueue must be one of "
+                f"{', '.join(enqueue.ON_ENQUEUE)}, not {self.singleton_on_enqueue!r}"
+            )
+        if self.singleton_on_enqueue == "enqueue":
+            return super().apply_async(args, kwargs, task_id, *rest, **options)
+        retrying = task_id is not None and task_id == self.request.id  # self.retry()
+        task_id = task_id or uuid()
+        try:
+            holder = enqueue.claim(self, args, kwargs, task_id)
+        except DATABASE_ERRORS as exc:
+            if not retrying:
+                raise
+            # A run retried because the database is down must still be queued again.
+            logger.warning("task %s[%s]: retried unclaimed (%s)", self.name, task_id, describe(exc))
+            holder = task_id
+        if holder != task_id:
+            return self.AsyncResult(holder)
+        try:
+            return super().apply_async(args, kwargs, task_id, *rest, **options)
+        except BaseException:
+            enqueue.unclaim(task_id)
+            raise
 
     # -- taking the key ---------------------------------------------------------------
 

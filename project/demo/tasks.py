@@ -48,6 +48,9 @@ exclusive_retry = shared_task(
 exclusive_wait = shared_task(
     name="demo.exclusive_wait", singleton_on_held="wait", singleton_wait=60.0, **_ONE_KEY
 )(_exclusive)
+exclusive_drop = shared_task(name="demo.exclusive_drop", singleton_on_enqueue="drop", **_ONE_KEY)(
+    _exclusive
+)
 
 
 @shared_task(name="demo.fenced_write", **_ONE_KEY)

@@ -18,7 +18,7 @@ import pytest
 from django.db import connection
 from django.db.models.functions import Now
 
-from cluster_singletons.models import Lease
+from cluster_singletons.models import Lease, TaskClaim
 from project.celery import app
 from project.demo.localcluster import Cluster, Node, poll
 from project.demo.models import FencedWrite
@@ -276,3 +276,30 @@ def test_a_run_that_cannot_reach_the_database_is_retried_never_run_unlocked(
     finally:
         cluster.stop()
         proxy.cut()
+
+
+def test_drop_returns_the_running_id_and_a_revoked_queued_duplicate_leaves_no_lease(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    from project.demo.tasks import exclusive_drop
+
+    worker = cluster.start_worker()  # one child: a second key waits in the queue
+    log = tmp_path / "events"
+    busy = exclusive_drop.delay("busy", 3.0, str(log))
+    _holder_pid(log, busy.id)
+    assert exclusive_drop.delay("busy", 0.0, str(log)).id == busy.id
+    queued = exclusive_drop.delay("queued", 0.0, str(log))
+    poll("the queued run to reach the worker", lambda: f"{queued.id}]" in worker.text(), timeout=30)
+    app.control.revoke(queued.id)
+    poll(
+        "the worker to discard it and its claim",
+        lambda: not TaskClaim.objects.filter(task_id=queued.id).exists(),
+        timeout=30,
+    )
+    poll("the busy run to end", lambda: any(e.what == "end" for e in events(log)), timeout=30)
+    again = exclusive_drop.delay("queued", 0.0, str(log))
+    assert again.id != queued.id
+    poll("the new run", lambda: any(e.task_id == again.id for e in starts(log)), timeout=30)
+    assert queued.id not in {e.task_id for e in events(log)}
+    lease = exclusive_drop.singleton_key_of(("queued", 0.0, str(log)), {}).lease
+    assert Lease.objects.get(name=lease).epoch == 1, "the revoked run never took the key"
