@@ -39,9 +39,8 @@ def _stale(queued_for: float) -> Q:
     running = Lease.objects.filter(
         name=OuterRef("lease"), holder_id=OuterRef("holder"), expires_at__gt=Now()
     )
-    return Q(holder__isnull=True, claimed_at__lt=long_ago) | (
-        Q(holder__isnull=False) & ~Exists(running)
-    )
+    run_gone = Q(Q(holder__isnull=False), ~Exists(running))
+    return Q(holder__isnull=True, claimed_at__lt=long_ago) | run_gone
 
 
 def claim(lease: str, *, task: str, task_id: str, queued_for: float, using: str) -> str:
