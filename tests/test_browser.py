@@ -96,9 +96,14 @@ def test_an_operator_hands_a_singleton_off_from_the_dashboard(
     def shows_new_leader() -> bool:
         browser.refresh()
         row = browser.find_element(By.CSS_SELECTOR, 'tr[data-name="singleton:indexer"]')
-        # Not the epoch: the handoff's target holds two singletons now and placement may
-        # hand one on and take it back meanwhile (a new epoch, the same runner).
-        return f"runner {second.runner_id}" in row.text
+        # Whoever holds it now, as the database says: placement may hand it on again
+        # meanwhile (the handoff's target holds two singletons), but never back unseen.
+        holder = Lease.objects.get(name="singleton:indexer").holder_id
+        return (
+            holder is not None
+            and f"runner {holder}" in row.text
+            and (f"runner {first.runner_id}" not in row.text or holder == first.runner_id)
+        )
 
     poll("the dashboard to show the new leader", shows_new_leader, timeout=30, every=0.5)
     assert not Lease.objects.get(name="singleton:indexer").handoff_requested
