@@ -90,7 +90,7 @@ def test_an_operator_hands_a_singleton_off_from_the_dashboard(
     assert "Hand singleton:indexer off" in confirm.text
     confirm.accept()
     wait.until(ec.text_to_be_present_in_element((By.CSS_SELECTOR, ".messagelist"), "requested"))
-    second = cluster.wait_for_leader("singleton:indexer", other_than=first, timeout=30)
+    second = cluster.wait_for_leader("singleton:indexer", other_than=first, timeout=90)
     assert second.epoch > first.epoch
 
     def shows_new_leader() -> bool:
