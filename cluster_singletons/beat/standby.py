@@ -78,7 +78,10 @@ class Standby:
 
     def sync(self, clock: Clock) -> None:
         """One pass: load if not loaded, else follow the ledger and, when due, look for
-        edited schedules. Nothing while this runner leads."""
+        edited schedules. Nothing while this runner leads, or before ``clock`` (the
+        runner's estimate of the database's clock) is known."""
+        if not getattr(clock, "synced", True):
+            return  # the runner's first renewal tells the database's clock; until then, wait
         with self._lock:
             if self._leading:
                 return

@@ -199,3 +199,17 @@ def test_a_pass_whose_ledger_write_fails_leaves_the_cursors_as_they_were(app: Ce
         (None, T0 + timedelta(seconds=1), 1),
         (T0 + timedelta(seconds=2), T0 + timedelta(seconds=4), 3),
     ]
+
+
+def test_the_standby_waits_for_the_database_clock_without_an_error(
+    app: Celery, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before the runner's first renewal its database clock is unknown (it raises): the
+    standby loads nothing and logs nothing until it is known."""
+    from cluster_singletons.cluster.database_clock import DatabaseClock
+
+    _schedules(app)
+    clock = DatabaseClock.of(SystemClock(), get_settings())
+    standby = Standby(app, settings=get_settings())
+    standby.sync(clock)
+    assert standby.take() is None and "failed" not in caplog.text
