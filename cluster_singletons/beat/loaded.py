@@ -132,7 +132,7 @@ class Loaded:
         """Cursors of the schedules paused at some follow since, from their records (a
         pause lifted since the last follow passed ticks the follow did not see); called
         when taking the lease."""
-        keys = sorted(self.was_paused | self.paused)
+        keys = sorted(self.was_paused)  # every look and follow adds what it saw paused
         self.was_paused = set()
         if not keys:
             return
